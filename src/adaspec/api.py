@@ -1,0 +1,215 @@
+"""The public API: load a target/drafter pair once, then generate, stream or compare.
+
+    engine = adaspec.load(target="qwen2.5-coder-1.5b", drafter="qwen2.5-coder-0.5b")
+    result = engine.generate("Write a quicksort in Python.", method="cmasd", max_new_tokens=128)
+
+``adaspec.generate(prompt, target=..., drafter=..., **options)`` does both in one call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import fields
+
+import torch
+
+from adaspec.config import AdaspecError, GenerationConfig, SamplingConfig, SpecConfig
+from adaspec.decode import speculative_generate
+from adaspec.drafters.model import ModelDrafter
+from adaspec.models.base import ModelAdapter, Tokenizer
+from adaspec.records import Result
+from adaspec.stopping import StopStrings
+
+DEFAULT_TARGET = "qwen2.5-coder-1.5b"
+DEFAULT_DRAFTER = "qwen2.5-coder-0.5b"
+_SAMPLING = {f.name for f in fields(SamplingConfig)}
+_SPEC = {f.name for f in fields(SpecConfig)}
+_GENERATION = {"max_new_tokens", "stop", "trace", "ignore_eos"}
+
+
+def make_config(method: str = "cmasd", **options) -> GenerationConfig:
+    """Split flat keyword options into a validated GenerationConfig; unknown names are an error."""
+    unknown = set(options) - _SAMPLING - _SPEC - _GENERATION
+    if unknown:
+        known = sorted(_SAMPLING | _SPEC | _GENERATION)
+        raise AdaspecError(f"unknown option(s) {', '.join(sorted(unknown))}; known options: {', '.join(known)}")
+    stop = options.pop("stop", ())
+    stop = (stop,) if isinstance(stop, str) else tuple(stop or ())
+    if "lambdas" in options:
+        options["lambdas"] = tuple(options["lambdas"])
+    sampling = SamplingConfig(**{k: v for k, v in options.items() if k in _SAMPLING})
+    spec = SpecConfig(method=method, **{k: v for k, v in options.items() if k in _SPEC})
+    gen = {k: v for k, v in options.items() if k in _GENERATION}
+    return GenerationConfig(stop=stop, sampling=sampling, spec=spec, **gen).validate()
+
+
+def load_model(source: str | ModelAdapter, *, dtype: torch.dtype = torch.float32, device: str = "cpu",
+               quant: str | None = None) -> tuple[ModelAdapter, Tokenizer | None]:
+    """A model adapter (and its tokenizer) from a preset name, path, hub id or built-in tiny model.
+
+    Built-in toy models: ``tiny`` (seeded random GPT over bytes) and ``tiny-draft`` (a perturbed
+    copy of it that agrees only sometimes), used by the tests and for trying the CLI without weights.
+    """
+    if not isinstance(source, str):
+        return source, None
+    if source in ("tiny", "tiny-draft"):
+        from adaspec.models.tiny import ByteTokenizer, perturbed_copy, tiny_model
+
+        model = tiny_model(seed=0, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+        if source == "tiny-draft":
+            model = perturbed_copy(model, noise=0.5, seed=1)
+        return model, ByteTokenizer()
+    from adaspec.models.registry import load
+
+    adapter, tokenizer = load(source, dtype=dtype, device=device)
+    if quant:
+        from adaspec.models.quant import quantize_adapter
+
+        adapter = quantize_adapter(adapter, quant)
+    return adapter, tokenizer
+
+
+class Engine:
+    """A loaded target (and optional drafter) with their tokenizer, reusable across requests."""
+
+    def __init__(self, target: ModelAdapter, drafter: ModelAdapter | None = None,
+                 tokenizer: Tokenizer | None = None, *, drafter_tokenizer: Tokenizer | None = None,
+                 chat: bool = True, target_name: str | None = None, drafter_name: str | None = None):
+        if drafter is not None and tokenizer is not None and drafter_tokenizer is not None \
+                and not tokenizer.same_vocab(drafter_tokenizer):
+            raise AdaspecError("drafter and target use different tokenizers: speculative decoding needs a "
+                               "drafter from the same model family (same vocabulary)")
+        if drafter is not None and drafter.vocab_size != target.vocab_size:
+            raise AdaspecError(
+                f"drafter and target have different vocabularies ({drafter.vocab_size} vs {target.vocab_size} "
+                "logits): speculative decoding needs a drafter that shares the target's tokenizer")
+        self.target, self.tokenizer, self.chat = target, tokenizer, chat
+        self.drafter = ModelDrafter(drafter) if drafter is not None else None
+        self.target_name = target_name or target.name
+        self.drafter_name = drafter_name or (drafter.name if drafter is not None else None)
+
+    def encode(self, prompt: str | list[int] | list[dict], *, chat: bool | None = None) -> list[int]:
+        """Prompt ids from text (chat template applied unless chat=False), token ids or chat messages."""
+        chat = self.chat if chat is None else chat
+        if isinstance(prompt, str):
+            if not prompt:
+                raise AdaspecError("the prompt is empty: give at least one character of text")
+            self._need_tokenizer()
+            if chat:
+                return list(self.tokenizer.chat_ids([{"role": "user", "content": prompt}]))
+            return list(self.tokenizer.encode(prompt))
+        if isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
+            self._need_tokenizer()
+            for m in prompt:
+                if not isinstance(m.get("content"), str) or m.get("role") not in ("system", "user", "assistant"):
+                    raise AdaspecError(f"each chat message needs a role (system/user/assistant) and string "
+                                       f"content, got {m!r}")
+            return list(self.tokenizer.chat_ids(prompt))
+        ids = prompt.tolist() if isinstance(prompt, torch.Tensor) else list(prompt)
+        if not ids:
+            raise AdaspecError("the prompt is empty: give at least one token")
+        if not all(isinstance(t, int) and 0 <= t < self.target.vocab_size for t in ids):
+            raise AdaspecError(f"prompt token ids must be integers in [0, {self.target.vocab_size})")
+        return ids
+
+    def _need_tokenizer(self) -> None:
+        if self.tokenizer is None:
+            raise AdaspecError("this engine has no tokenizer: pass token ids instead of text")
+
+    def stream(self, prompt, *, method: str = "cmasd", chat: bool | None = None, **options) -> "Stream":
+        """Generate incrementally: iterate the returned Stream for text (or id) chunks; then read .result."""
+        cfg = make_config(method, **options)
+        ids = self.encode(prompt, chat=chat)
+        if cfg.stop and self.tokenizer is None:
+            raise AdaspecError("stop strings need a tokenizer: this engine has none")
+        stop = StopStrings(self.tokenizer, cfg.stop) if cfg.stop else None
+        drafter = self.drafter if cfg.spec.length_policy != "none" else None
+        if drafter is None and cfg.spec.length_policy != "none":
+            raise AdaspecError(f"method {method!r} needs a drafter: load one, or use method='ar'")
+        return Stream(speculative_generate(self.target, drafter, ids, cfg, stop=stop), self.tokenizer, cfg.stop)
+
+    def generate(self, prompt, *, method: str = "cmasd", chat: bool | None = None, **options) -> Result:
+        s = self.stream(prompt, method=method, chat=chat, **options)
+        for _ in s:
+            pass
+        return s.result
+
+
+class Stream:
+    """Iterates text deltas (or token-id lists without a tokenizer); ``result`` is set at the end.
+
+    Text is released only when it is final: an incomplete UTF-8 character at the end is held back,
+    and so is a tail that could still grow into a stop string.
+    """
+
+    def __init__(self, gen, tokenizer: Tokenizer | None, stops: tuple[str, ...]):
+        self._gen, self._tok, self._stops = gen, tokenizer, stops
+        self._ids: list[int] = []
+        self._sent = 0
+        self.result: Result | None = None
+
+    def __iter__(self) -> Iterator:
+        try:
+            while True:
+                new = next(self._gen)
+                self._ids += new
+                if self._tok is None:
+                    yield new
+                    continue
+                delta = self._delta(final=False)
+                if delta:
+                    yield delta
+        except StopIteration as done:
+            self.result = done.value
+        if self._tok is not None:
+            if self.result.text is None:
+                self.result.text = self._tok.decode(self.result.token_ids)
+            self._ids = self.result.token_ids
+            delta = self._delta(final=True, text=self.result.text)
+            if delta:
+                yield delta
+
+    def close(self) -> None:
+        """Stop generating at the next step (e.g. the client went away)."""
+        self._gen.close()
+
+    def _delta(self, *, final: bool, text: str | None = None) -> str:
+        text = self._tok.decode(self._ids) if text is None else text
+        end = len(text)
+        if not final:
+            while end > self._sent and text[end - 1] == "\ufffd":
+                end -= 1
+            for s in self._stops:  # hold back a tail that may be the start of a stop string
+                for j in range(min(len(s) - 1, end - self._sent), 0, -1):
+                    if text[end - j:end] == s[:j]:
+                        end -= j
+                        break
+        out = text[self._sent:end]
+        self._sent = max(self._sent, end)
+        return out
+
+
+def load(target: str | ModelAdapter = DEFAULT_TARGET, drafter: str | ModelAdapter | None = DEFAULT_DRAFTER, *,
+         dtype: torch.dtype = torch.float32, device: str = "cpu", quant: str | None = None,
+         chat: bool = True) -> Engine:
+    """Load a target and drafter (preset names, local paths, hub ids, adapters) into an Engine."""
+    t_model, t_tok = load_model(target, dtype=dtype, device=device, quant=quant)
+    d_model, d_tok = (None, None)
+    if drafter is not None:
+        d_model, d_tok = load_model(drafter, dtype=dtype, device=device, quant=quant)
+    return Engine(t_model, d_model, t_tok, drafter_tokenizer=d_tok, chat=chat,
+                  target_name=target if isinstance(target, str) else None,
+                  drafter_name=drafter if isinstance(drafter, str) else None)
+
+
+def generate(prompt, *, target: str | ModelAdapter | Engine = DEFAULT_TARGET,
+             drafter: str | ModelAdapter | None = DEFAULT_DRAFTER, method: str = "cmasd",
+             tokenizer: Tokenizer | None = None, **options) -> Result:
+    """One-call generation. ``target`` may be an Engine, a model adapter, or a name/path to load."""
+    if isinstance(target, Engine):
+        engine = target
+    elif isinstance(target, str) or isinstance(drafter, str):
+        engine = load(target, drafter)
+    else:
+        engine = Engine(target, drafter, tokenizer)
+    return engine.generate(prompt, method=method, **options)

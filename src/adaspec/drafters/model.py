@@ -1,0 +1,80 @@
+"""A drafter backed by a (small) language model through the adapter protocol."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from adaspec.config import SamplingConfig, SpecConfig
+from adaspec.models.base import ModelAdapter
+from adaspec.policies.length import LengthPolicy
+from adaspec.records import Draft, Signals
+from adaspec.sampling import greedy, sample, warp
+from adaspec.signals import signals_from_logits
+
+
+class ModelDrafter:
+    """Drafts token by token with a model, keeping its KV cache in step with the sequence.
+
+    Cache invariant: the cache holds a prefix of the committed sequence (plus, during a step, the
+    drafts fed so far). Each ``propose`` first feeds every committed token the cache has not seen:
+    usually one (the last corrected or bonus token), two when the whole previous draft was accepted
+    (the drafter never fed its own last draft token), more after a prefill of ``prompt[:-1]``.
+    """
+
+    def __init__(self, adapter: ModelAdapter, name: str | None = None):
+        self.adapter = adapter
+        self.name = name or "model"
+        self.vocab_size = adapter.vocab_size
+        self.forwards = 0
+        self.signal_s = 0.0  # time spent on signals and policy decisions (overhead accounting)
+
+    def begin(self, prompt: torch.Tensor) -> None:
+        self.adapter.reset()
+        if prompt.shape[0] > 1:
+            self.adapter.extend(prompt[:-1])
+            self.forwards += 1
+
+    def propose(
+        self,
+        seq: torch.Tensor,
+        max_k: int,
+        policy: LengthPolicy,
+        sampling: SamplingConfig,
+        spec: SpecConfig,
+        generator: torch.Generator | None,
+    ) -> Draft:
+        feed = seq[self.adapter.length :]  # (n,) committed tokens not yet in the cache
+        tokens: list[torch.Tensor] = []
+        probs: list[torch.Tensor] = []
+        sigs: list[Signals] = []
+        for i in range(max_k):
+            logits = self.adapter.extend(feed)[-1]  # (V,)
+            self.forwards += 1
+            if sampling.greedy:
+                token = greedy(logits)  # 0-d
+            else:
+                p = warp(logits, sampling)  # (V,)
+                token = sample(p, generator)
+                probs.append(p)
+            tokens.append(token)
+            t0 = time.perf_counter()
+            sig = signals_from_logits(logits, token, lambdas=spec.lambdas, logit_scale=spec.logit_scale,
+                                      signal=spec.signal)
+            sigs.append(sig)
+            keep = i + 1 < max_k and policy.keep_drafting(i, sig)
+            self.signal_s += time.perf_counter() - t0
+            if not keep:
+                break
+            feed = token.reshape(1)
+        device = seq.device
+        return Draft(
+            tokens=torch.stack(tokens).to(device) if tokens else torch.zeros(0, dtype=torch.long, device=device),
+            probs=torch.stack(probs) if probs else None,
+            signals=sigs,
+            drafter=self.name,
+        )
+
+    def commit(self, valid_len: int) -> None:
+        self.adapter.rollback(min(self.adapter.length, valid_len))
