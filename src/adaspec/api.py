@@ -15,7 +15,10 @@ import torch
 
 from adaspec.config import AdaspecError, GenerationConfig, SamplingConfig, SpecConfig
 from adaspec.decode import speculative_generate
+from adaspec.drafters.base import Drafter
 from adaspec.drafters.model import ModelDrafter
+from adaspec.drafters.ngram import NGramDrafter
+from adaspec.drafters.pool import DrafterPool
 from adaspec.models.base import ModelAdapter, Tokenizer
 from adaspec.records import Result
 from adaspec.stopping import StopStrings
@@ -123,10 +126,23 @@ class Engine:
         if cfg.stop and self.tokenizer is None:
             raise AdaspecError("stop strings need a tokenizer: this engine has none")
         stop = StopStrings(self.tokenizer, cfg.stop) if cfg.stop else None
-        drafter = self.drafter if cfg.spec.length_policy != "none" else None
-        if drafter is None and cfg.spec.length_policy != "none":
-            raise AdaspecError(f"method {method!r} needs a drafter: load one, or use method='ar'")
+        drafter = self.drafter_for(cfg.spec)
         return Stream(speculative_generate(self.target, drafter, ids, cfg, stop=stop), self.tokenizer, cfg.stop)
+
+    def drafter_for(self, spec: SpecConfig) -> Drafter | None:
+        """The drafter a method uses: none, the model, prompt lookup, or a pool of both."""
+        kind = spec.drafter_kind
+        if kind == "none":
+            return None
+        ngram = NGramDrafter(self.target.vocab_size, max_ngram=spec.max_ngram)  # stateless: one per request
+        if kind == "ngram":
+            return ngram
+        if self.drafter is None:
+            raise AdaspecError(f"method {spec.method!r} needs a drafter model: load one, or use method='ar' "
+                               "or method='ngram'")
+        if kind == "model":
+            return self.drafter
+        return DrafterPool(self.drafter, ngram, skip_entropy=spec.skip_entropy)
 
     def generate(self, prompt, *, method: str = "cmasd", chat: bool | None = None, **options) -> Result:
         s = self.stream(prompt, method=method, chat=chat, **options)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields, replace
+from typing import NamedTuple
 
 
 class AdaspecError(ValueError):
@@ -45,17 +46,27 @@ class SamplingConfig:
         return self.temperature == 0
 
 
-# The method presets: which draft-length policy and which verification rule each uses.
+# The method presets: which draft-length policy, which verification rule and which drafter each uses.
 # "exact" means greedy match at temperature 0 and rejection sampling above it (both lossless).
-PRESETS: dict[str, tuple[str, str]] = {
-    "ar": ("none", "exact"),
-    "fixed": ("fixed", "exact"),
-    "heuristic": ("heuristic", "exact"),
-    "confidence-stop": ("confidence-stop", "exact"),
-    "cmasd": ("cmasd", "confidence-tau"),
-    "cmasd-k": ("cmasd", "exact"),
-    "cmasd-tau": ("fixed", "confidence-tau"),
-    "entropy": ("entropy", "entropy-tau"),
+# Drafters: "model" (the small model), "ngram" (prompt lookup, free), "pool" (n-gram first, then the
+# model, skipping drafting in high-entropy regimes; see drafters/pool.py).
+class Preset(NamedTuple):
+    length: str
+    verify: str
+    drafter: str
+
+
+PRESETS: dict[str, Preset] = {
+    "ar": Preset("none", "exact", "none"),
+    "fixed": Preset("fixed", "exact", "model"),
+    "heuristic": Preset("heuristic", "exact", "model"),
+    "confidence-stop": Preset("confidence-stop", "exact", "model"),
+    "cmasd": Preset("cmasd", "confidence-tau", "model"),
+    "cmasd-k": Preset("cmasd", "exact", "model"),
+    "cmasd-tau": Preset("fixed", "confidence-tau", "model"),
+    "entropy": Preset("entropy", "entropy-tau", "model"),
+    "ngram": Preset("fixed", "exact", "ngram"),
+    "multi-draft": Preset("cmasd", "confidence-tau", "pool"),
 }
 
 VERIFY_RULES = ("exact", "confidence-tau", "entropy-tau", "typical")
@@ -83,6 +94,11 @@ class SpecConfig:
       gamma: sensitivity of tau_t = tau_base * C_t ** gamma to drops in confidence.
       beta: a relaxed token must be in the target's top-beta.
       typical_eps, typical_delta: Medusa's typical acceptance, q(x) > min(eps, delta * exp(-H(q))).
+    Drafter pool (`ngram`, `multi-draft`)
+      max_ngram: longest context n-gram the prompt-lookup drafter matches (3, as transformers'
+         prompt lookup uses); shorter ones are tried when it fails, down to 1.
+      skip_entropy: the pool drafts nothing while the model drafter's recent first-token normalised
+         entropy is above this; 1.0 (never) until `adaspec calibrate` fits a value for a pair.
     Signals
       lambdas: weights of (entropy, logit margin, softmax margin) in C; normalised to sum 1.
       signal: which score drives the policies: the ensemble C or one signal alone (debugging).
@@ -106,11 +122,13 @@ class SpecConfig:
     signal: str = "ensemble"
     logit_scale: float = 2.0
     verify: str | None = None  # override the preset's verification rule (one of VERIFY_RULES)
+    max_ngram: int = 3
+    skip_entropy: float = 1.0
 
     def validate(self) -> "SpecConfig":
         _check(self.method in PRESETS,
                f"unknown method {self.method!r}; choose one of: {', '.join(PRESETS)}")
-        for name in ("k", "k_min", "k_max", "heuristic_start", "beta"):
+        for name in ("k", "k_min", "k_max", "heuristic_start", "beta", "max_ngram"):
             v = getattr(self, name)
             _check(isinstance(v, int) and not isinstance(v, bool) and v >= 1,
                    f"{name} must be an integer >= 1, got {v!r}")
@@ -120,7 +138,8 @@ class SpecConfig:
         for name in ("alpha",):
             v = getattr(self, name)
             _check(0 < v <= 1, f"{name} must be in (0, 1], got {v!r}")
-        for name in ("confidence_stop", "entropy_threshold", "tau_base", "typical_eps", "typical_delta"):
+        for name in ("confidence_stop", "entropy_threshold", "tau_base", "typical_eps", "typical_delta",
+                     "skip_entropy"):
             v = getattr(self, name)
             _check(isinstance(v, (int, float)) and 0 <= v <= 1, f"{name} must be in [0, 1], got {v!r}")
         _check(self.gamma >= 0, f"gamma must be >= 0, got {self.gamma!r}")
@@ -134,11 +153,15 @@ class SpecConfig:
 
     @property
     def length_policy(self) -> str:
-        return PRESETS[self.method][0]
+        return PRESETS[self.method].length
 
     @property
     def verify_rule(self) -> str:
-        return self.verify or PRESETS[self.method][1]
+        return self.verify or PRESETS[self.method].verify
+
+    @property
+    def drafter_kind(self) -> str:
+        return PRESETS[self.method].drafter
 
     @property
     def lossless(self) -> bool:

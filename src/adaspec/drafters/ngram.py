@@ -1,0 +1,58 @@
+"""Prompt-lookup drafter: propose the tokens that followed the latest earlier occurrence of the
+sequence's last n-gram. It costs no model forward, so it pays whenever the answer copies its
+context (summaries, retrieval-augmented answers, code edits), and it is harmless when no match is
+found (it proposes nothing).
+
+Its drafts are deterministic, so their distribution p is one-hot (``Draft.probs = None``), which
+keeps rejection sampling lossless at temperature > 0. It has no uncertainty of its own: its
+signals report full confidence, and the length policy only bounds its draft through max_k.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from adaspec.config import SamplingConfig, SpecConfig
+from adaspec.policies.length import LengthPolicy
+from adaspec.records import Draft, Signals
+
+
+def find_continuation(seq: torch.Tensor, max_k: int, max_ngram: int = 3, min_ngram: int = 1) -> torch.Tensor:
+    """Tokens (<= max_k,) that followed the most recent earlier match of seq's last n-gram.
+
+    Longer n-grams are tried first (a longer match predicts better); ties go to the latest match
+    (recent context predicts better). Returns an empty tensor if nothing matches.
+    """
+    L = seq.shape[0]
+    for n in range(min(max_ngram, L - 1), min_ngram - 1, -1):
+        tail = seq[L - n :]  # (n,)
+        windows = seq[: L - 1].unfold(0, n, 1)  # (L - n, n): every n-gram that has a successor
+        hits = (windows == tail).all(dim=1).nonzero().flatten()  # host sync: match positions
+        if hits.numel():
+            start = int(hits[-1]) + n
+            return seq[start : min(start + max_k, L)]
+    return seq.new_zeros(0)
+
+
+class NGramDrafter:
+    name = "ngram"
+
+    def __init__(self, vocab_size: int, max_ngram: int = 3, min_ngram: int = 1):
+        if not 1 <= min_ngram <= max_ngram:
+            raise ValueError(f"need 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}")
+        self.vocab_size, self.max_ngram, self.min_ngram = vocab_size, max_ngram, min_ngram
+        self.forwards = 0  # never runs a model
+
+    def begin(self, prompt: torch.Tensor) -> None:
+        pass
+
+    def propose(self, seq: torch.Tensor, max_k: int, policy: LengthPolicy | None = None,
+                sampling: SamplingConfig | None = None, spec: SpecConfig | None = None,
+                generator: torch.Generator | None = None) -> Draft:
+        tokens = find_continuation(seq, max_k, self.max_ngram, self.min_ngram) if max_k > 0 else seq.new_zeros(0)
+        one, zero = torch.tensor(1.0), torch.tensor(0.0)
+        sig = Signals(entropy=zero, c_ent=one, c_logit=one, c_soft=one, confidence=one, p_token=one)
+        return Draft(tokens=tokens, probs=None, signals=[sig] * len(tokens), drafter=self.name)
+
+    def commit(self, valid_len: int) -> None:
+        pass

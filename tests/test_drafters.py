@@ -1,0 +1,106 @@
+import pytest
+import torch
+
+from adaspec.api import Engine, make_config
+from adaspec.decode import generate_ids
+from adaspec.drafters.model import ModelDrafter
+from adaspec.drafters.ngram import NGramDrafter, find_continuation
+from adaspec.drafters.pool import DrafterPool
+from adaspec.models.tiny import ByteTokenizer, perturbed_copy, tiny_model
+
+
+def t(xs):
+    return torch.tensor(xs, dtype=torch.long)
+
+
+def test_find_continuation_prefers_long_and_recent_matches():
+    seq = t([1, 2, 3, 9, 9, 2, 3, 7, 8, 5, 1, 2, 3])
+    # trigram [1,2,3] occurs at 0 -> continuation 9, 9, 2
+    assert find_continuation(seq, 3).tolist() == [9, 9, 2]
+    # the bigram [2, 3] would match later (followed by 7); the longer match wins
+    assert find_continuation(seq, 3, max_ngram=2).tolist() == [7, 8, 5]
+    assert find_continuation(seq, 10).tolist() == [9, 9, 2, 3, 7, 8, 5, 1, 2, 3]
+    assert find_continuation(t([4, 5, 6]), 3).tolist() == []
+    assert find_continuation(t([4]), 3).tolist() == []
+    assert find_continuation(seq, 0).tolist() == []
+
+
+def test_ngram_drafter_contract():
+    d = NGramDrafter(vocab_size=10)
+    draft = d.propose(t([1, 2, 1]), max_k=4)
+    assert draft.tokens.tolist() == [2, 1] and draft.probs is None and len(draft.signals) == 2
+    assert draft.drafter == "ngram"
+    with pytest.raises(ValueError):
+        NGramDrafter(10, max_ngram=1, min_ngram=2)
+
+
+@pytest.fixture(scope="module")
+def pair():
+    target = tiny_model(seed=0, dtype=torch.float64)
+    return target, perturbed_copy(target, noise=0.3, seed=5)
+
+
+PROMPT = [65, 66, 67, 68, 65, 66, 67, 68, 65, 66, 67, 68, 65, 66]  # repetitive: prompt lookup finds matches
+
+
+@pytest.mark.parametrize("method", ["ngram", "multi-draft"])
+def test_pool_and_ngram_are_lossless(pair, method):
+    target, draft_model = pair
+    engine = Engine(target, draft_model, ByteTokenizer())
+    base = engine.generate(PROMPT, method="ar", max_new_tokens=48, ignore_eos=True)
+    r = engine.generate(PROMPT, method=method, max_new_tokens=48, ignore_eos=True, k=4)
+    assert r.token_ids == base.token_ids
+    assert r.lossless
+
+
+def test_pool_identical_under_any_selection_sequence(pair):
+    """Lossless whatever is chosen: force random choices between n-gram, model and no draft."""
+    target, draft_model = pair
+    cfg = make_config("cmasd", max_new_tokens=40, ignore_eos=True)
+    base = generate_ids(target, None, PROMPT, cfg).token_ids
+
+    class RandomPool(DrafterPool):
+        def __init__(self, *a, seed=0, **kw):
+            super().__init__(*a, **kw)
+            self.rng = torch.Generator().manual_seed(seed)
+            self.choices = []
+
+        def propose(self, seq, max_k, policy, sampling, spec, generator):
+            c = int(torch.randint(0, 3, (1,), generator=self.rng))
+            self.choices.append(c)
+            if c == 0:
+                return self.ngram.propose(seq, max_k)
+            if c == 1:
+                return self.model.propose(seq, max_k, policy, sampling, spec, generator)
+            return super().propose(seq, 0, policy, sampling, spec, generator)
+
+    for seed in range(5):
+        pool = RandomPool(ModelDrafter(draft_model), NGramDrafter(target.vocab_size), seed=seed)
+        r = generate_ids(target, pool, PROMPT, cfg)
+        assert r.token_ids == base, seed
+        assert len(set(pool.choices)) == 3
+
+
+def test_pool_skips_drafting_in_high_entropy_regime(pair):
+    target, draft_model = pair
+    cfg = make_config("multi-draft", max_new_tokens=30, ignore_eos=True, skip_entropy=0.0)
+    pool = DrafterPool(ModelDrafter(draft_model), None, skip_entropy=0.0)
+    r = generate_ids(target, pool, [1, 2, 3], cfg)
+    # after the first model draft the regime estimate exceeds 0, so most steps draft nothing
+    assert r.stats.drafters_used.get("model", 0) < r.stats.steps / 2
+    assert r.token_ids == generate_ids(target, None, [1, 2, 3], cfg).token_ids
+
+
+def test_multi_draft_logs_drafters_used(pair):
+    target, draft_model = pair
+    engine = Engine(target, draft_model, ByteTokenizer())
+    r = engine.generate(PROMPT, method="multi-draft", max_new_tokens=40, ignore_eos=True)
+    assert set(r.stats.drafters_used) <= {"ngram", "model"}
+    assert sum(r.stats.drafters_used.values()) <= r.stats.steps
+
+
+def test_ngram_needs_no_drafter_model(pair):
+    target, _ = pair
+    engine = Engine(target, None, ByteTokenizer())
+    r = engine.generate(PROMPT, method="ngram", max_new_tokens=20, ignore_eos=True)
+    assert r.token_ids == engine.generate(PROMPT, method="ar", max_new_tokens=20, ignore_eos=True).token_ids
