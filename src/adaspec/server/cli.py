@@ -1,0 +1,63 @@
+"""`adaspec serve`: load the models once and serve the OpenAI-compatible API (docs/server.md)."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import sys
+
+from adaspec.cli import add_knob_args, add_model_args, knob_options, load_engine
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "serve", help="serve an OpenAI-compatible HTTP API (completions, chat, streaming, metrics)",
+        description="Load a target and drafter once and serve /v1/completions, /v1/chat/completions, /v1/models, "
+                    "/health and /metrics. The generation flags set the defaults of requests that omit them.")
+    add_model_args(p)
+    add_knob_args(p)
+    s = p.add_argument_group("server")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    s.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    s.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on every endpoint but /health (default: the "
+                        "ADASPEC_API_KEY environment variable; neither = no key)")
+    s.add_argument("--queue-size", type=int, default=16,
+                   help="requests that may wait while one generates; more are answered 429 (default 16)")
+    s.add_argument("--request-timeout", type=float, default=300.0,
+                   help="seconds from arrival (queue wait included) to the end of an answer, else 504; "
+                        "0 = no limit (default 300)")
+    s.add_argument("--max-body-bytes", type=int, default=1 << 20,
+                   help="largest request body accepted, else 413 (default 1 MiB)")
+    s.add_argument("--model-name", default=None, help="model id clients send (default: the --target value)")
+    s.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(a: argparse.Namespace) -> int:
+    import uvicorn
+
+    from adaspec.server.app import ServerSettings, create_app
+
+    settings = ServerSettings(
+        method=a.method, defaults=knob_options(a), api_key=a.api_key or os.environ.get("ADASPEC_API_KEY") or None,
+        queue_size=a.queue_size, request_timeout=a.request_timeout, max_body_bytes=a.max_body_bytes,
+        model_name=a.model_name).validate()  # before loading weights: a typo should not cost a model load
+    if not settings.api_key and not _is_loopback(a.host):
+        print(f"adaspec: warning: serving on {a.host} without an API key: anyone who can reach it can use it",
+              file=sys.stderr)
+    app = create_app(load_engine(a), settings)
+    # uvicorn lets open requests finish for up to one request's time limit, then the app cancels the rest
+    uvicorn.run(app, host=a.host, port=a.port, log_level=a.log_level,
+                timeout_graceful_shutdown=int(a.request_timeout) + 1 if a.request_timeout else None)
+    return 0
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
