@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import fields
+from pathlib import Path
 
 import torch
 
@@ -20,6 +21,7 @@ from adaspec.drafters.model import ModelDrafter
 from adaspec.drafters.ngram import NGramDrafter
 from adaspec.drafters.pool import DrafterPool
 from adaspec.models.base import ModelAdapter, Tokenizer
+from adaspec.profile import Profile, calibrated_spec, load_profile, model_identity
 from adaspec.records import Result
 from adaspec.stopping import StopStrings
 
@@ -77,7 +79,8 @@ class Engine:
 
     def __init__(self, target: ModelAdapter, drafter: ModelAdapter | None = None,
                  tokenizer: Tokenizer | None = None, *, drafter_tokenizer: Tokenizer | None = None,
-                 chat: bool = True, target_name: str | None = None, drafter_name: str | None = None):
+                 chat: bool = True, target_name: str | None = None, drafter_name: str | None = None,
+                 profile: Profile | str | Path | None = None):
         if drafter is not None and tokenizer is not None and drafter_tokenizer is not None \
                 and not tokenizer.same_vocab(drafter_tokenizer):
             raise AdaspecError("drafter and target use different tokenizers: speculative decoding needs a "
@@ -90,6 +93,10 @@ class Engine:
         self.drafter = ModelDrafter(drafter) if drafter is not None else None
         self.target_name = target_name or target.name
         self.drafter_name = drafter_name or (drafter.name if drafter is not None else None)
+        self.profile = load_profile(profile)  # read by calibrated methods; refused for another pair
+        if self.profile is not None:
+            self.profile.check_pair(model_identity(target, self.target_name),
+                                    model_identity(drafter, self.drafter_name) if drafter is not None else None)
 
     def encode(self, prompt: str | list[int] | list[dict], *, chat: bool | None = None) -> list[int]:
         """Prompt ids from text (chat template applied unless chat=False), token ids or chat messages."""
@@ -127,11 +134,13 @@ class Engine:
             raise AdaspecError("stop strings need a tokenizer: this engine has none")
         stop = StopStrings(self.tokenizer, cfg.stop) if cfg.stop else None
         drafter = self.drafter_for(cfg.spec)
-        return Stream(speculative_generate(self.target, drafter, ids, cfg, stop=stop), self.tokenizer, cfg.stop)
+        return Stream(speculative_generate(self.target, drafter, ids, cfg, stop=stop, profile=self.profile),
+                      self.tokenizer, cfg.stop)
 
     def drafter_for(self, spec: SpecConfig) -> Drafter | None:
         """The drafter a method uses: none, the model, prompt lookup, or a pool of both."""
         kind = spec.drafter_kind
+        spec = calibrated_spec(spec, self.profile, warn=False)  # a calibrated pool reads skip_entropy from the profile
         if kind == "none":
             return None
         ngram = NGramDrafter(self.target.vocab_size, max_ngram=spec.max_ngram)  # stateless: one per request
@@ -207,15 +216,18 @@ class Stream:
 
 def load(target: str | ModelAdapter = DEFAULT_TARGET, drafter: str | ModelAdapter | None = DEFAULT_DRAFTER, *,
          dtype: torch.dtype = torch.float32, device: str = "cpu", quant: str | None = None,
-         chat: bool = True) -> Engine:
-    """Load a target and drafter (preset names, local paths, hub ids, adapters) into an Engine."""
+         chat: bool = True, profile: Profile | str | Path | None = None) -> Engine:
+    """Load a target and drafter (preset names, local paths, hub ids, adapters) into an Engine.
+
+    profile: a calibration profile (or its JSON path) from `adaspec calibrate` for this very pair.
+    """
     t_model, t_tok = load_model(target, dtype=dtype, device=device, quant=quant)
     d_model, d_tok = (None, None)
     if drafter is not None:
         d_model, d_tok = load_model(drafter, dtype=dtype, device=device, quant=quant)
     return Engine(t_model, d_model, t_tok, drafter_tokenizer=d_tok, chat=chat,
                   target_name=target if isinstance(target, str) else None,
-                  drafter_name=drafter if isinstance(drafter, str) else None)
+                  drafter_name=drafter if isinstance(drafter, str) else None, profile=profile)
 
 
 def generate(prompt, *, target: str | ModelAdapter | Engine = DEFAULT_TARGET,

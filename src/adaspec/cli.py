@@ -64,6 +64,8 @@ def add_knob_args(p: argparse.ArgumentParser) -> None:
                    help="weights of the three signals in the confidence C (default equal)")
     k.add_argument("--signal", choices=SIGNALS, default=d.signal, help="score driving the policies (default ensemble)")
     k.add_argument("--verify", choices=VERIFY_RULES, default=None, help="override the preset's verification rule")
+    k.add_argument("--profile", default=None, metavar="PATH", help="calibration profile of this pair from "
+                   "`adaspec calibrate`, read by the calibrated methods (docs/calibration.md)")
 
 
 def knob_options(a: argparse.Namespace) -> dict:
@@ -84,7 +86,7 @@ def load_engine(a: argparse.Namespace, *, need_drafter: bool = True):
         torch.set_num_threads(a.threads)
     drafter = None if getattr(a, "drafter", "none") in (None, "none") else a.drafter
     return load(a.target, drafter, dtype=_torch_dtype(a.dtype), device=a.device, quant=a.quant,
-                chat=not getattr(a, "raw", False))
+                chat=not getattr(a, "raw", False), profile=getattr(a, "profile", None))
 
 
 def summary_line(label: str, r) -> str:

@@ -21,7 +21,7 @@ def _check(cond: bool, msg: str) -> None:
 class SamplingConfig:
     """How tokens are drawn from a distribution; applied identically to drafter (p) and target (q).
 
-    temperature 0 means greedy decoding (argmax), the lossless comparison baseline.
+    temperature 0 (or anything below 1e-5) means greedy decoding (argmax), the lossless baseline.
     """
 
     temperature: float = 0.0
@@ -43,7 +43,8 @@ class SamplingConfig:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        # Below 1e-5 the tempered softmax underflows to garbage; such a temperature means greedy.
+        return self.temperature < 1e-5
 
 
 # The method presets: which draft-length policy, which verification rule and which drafter each uses.
@@ -67,7 +68,14 @@ PRESETS: dict[str, Preset] = {
     "entropy": Preset("entropy", "entropy-tau", "model"),
     "ngram": Preset("fixed", "exact", "ngram"),
     "multi-draft": Preset("cmasd", "confidence-tau", "pool"),
+    # Calibrated methods read a pair's profile (`adaspec calibrate`; docs/calibration.md).
+    "entropy-calibrated": Preset("entropy", "entropy-tau", "model"),
+    "cost-aware": Preset("cost-aware", "exact", "model"),
+    "multi-draft-calibrated": Preset("cmasd", "confidence-tau", "pool"),
 }
+# Methods that take lambdas, entropy_threshold and skip_entropy from a calibration profile where
+# those knobs are left at their defaults (and warn when run without one); see profile.calibrated_spec.
+CALIBRATED_METHODS = ("entropy-calibrated", "cost-aware", "multi-draft-calibrated")
 
 VERIFY_RULES = ("exact", "confidence-tau", "entropy-tau", "typical")
 SIGNALS = ("ensemble", "entropy", "logit", "soft")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Generator
+from dataclasses import replace
 
 import torch
 
@@ -22,6 +23,7 @@ from adaspec.drafters.base import Drafter
 from adaspec.models.base import ModelAdapter
 from adaspec.policies.length import LengthPolicy, NoDraft, make_length_policy
 from adaspec.policies.threshold import taus_for
+from adaspec.profile import calibrated_spec
 from adaspec.records import Draft, Result, Stats, StepOutcome, TraceStep, Verdict
 from adaspec.sampling import make_generator
 from adaspec.stopping import StopStrings
@@ -105,13 +107,20 @@ def speculative_generate(
     cfg: GenerationConfig,
     *,
     stop: StopStrings | None = None,
+    profile=None,
 ) -> Generator[list[int], None, Result]:
-    """Yield each step's committed tokens; return the Result (``StopIteration.value``)."""
+    """Yield each step's committed tokens; return the Result (``StopIteration.value``).
+
+    profile: an optional calibration profile (adaspec.profile.Profile) read by calibrated methods.
+    """
     prompt = torch.as_tensor(prompt_ids, dtype=torch.long, device=target.device).reshape(-1)
     if cfg.spec.length_policy == "none":
         drafter = None
+    spec = calibrated_spec(cfg.spec, profile)
+    if spec is not cfg.spec:  # calibrated knobs reach the length policy and the thresholds tau
+        cfg = replace(cfg, spec=spec)
     check_inputs(target, drafter, prompt.shape[0], cfg)
-    policy = make_length_policy(cfg.spec) if drafter is not None else NoDraft()
+    policy = make_length_policy(cfg.spec, profile) if drafter is not None else NoDraft()
     generator = None if cfg.sampling.greedy else make_generator(cfg.sampling.seed, target.device)
     eos = set() if cfg.ignore_eos else set(target.eos_token_ids)
     stats, trace = Stats(), ([] if cfg.trace else None)
@@ -181,9 +190,9 @@ def speculative_generate(
 
 
 def generate_ids(target: ModelAdapter, drafter: Drafter | None, prompt_ids, cfg: GenerationConfig,
-                 *, stop: StopStrings | None = None) -> Result:
+                 *, stop: StopStrings | None = None, profile=None) -> Result:
     """Run the loop to completion and return the Result."""
-    gen = speculative_generate(target, drafter, prompt_ids, cfg, stop=stop)
+    gen = speculative_generate(target, drafter, prompt_ids, cfg, stop=stop, profile=profile)
     while True:
         try:
             next(gen)

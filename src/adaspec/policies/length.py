@@ -154,7 +154,9 @@ class EntropyThreshold(LengthPolicy):
         return i + 1 < self.k_min or float(sig.entropy) <= self.threshold
 
 
-def make_length_policy(spec: SpecConfig) -> LengthPolicy:
+def make_length_policy(spec: SpecConfig, profile=None) -> LengthPolicy:
+    """The policy a spec names; `cost-aware` reads a calibration profile (adaspec.profile.Profile),
+    or falls back to its documented defaults when there is none."""
     kind = spec.length_policy
     if kind == "none":
         return NoDraft()
@@ -168,4 +170,8 @@ def make_length_policy(spec: SpecConfig) -> LengthPolicy:
         return CMASDLength(spec.k_min, spec.k_max, spec.alpha)
     if kind == "entropy":
         return EntropyThreshold(spec.entropy_threshold, spec.k_min, spec.k_max)
+    if kind == "cost-aware":
+        from adaspec.policies.cost import make_cost_aware  # cost.py builds on this module
+
+        return make_cost_aware(spec, profile)
     raise ValueError(f"unknown length policy {kind!r}")

@@ -1,0 +1,127 @@
+"""The measured cost model: what one target forward costs as a function of how many tokens it adds.
+
+Speculative decoding pays one target forward over k+1 positions per step instead of one forward
+per token. Whether a longer draft pays off depends on how that forward's time grows with the
+number of new tokens n: on a GPU it is nearly flat, on a CPU in float32 it roughly doubles from
+n=1 to n=2, with int8 weights it stays nearly flat up to n=4..8. `forward_cost` measures it on the
+machine at hand; `CostModel.cost_ratio(n)` = target_ms[n] / target_ms[1] is what the cost-aware
+policies read.
+
+The measurement uses whatever thread count torch is set to (it never changes it) and records it.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from adaspec.config import AdaspecError
+from adaspec.models.base import ModelAdapter
+
+
+@dataclass
+class CostModel:
+    target_ms: dict[int, float]  # new tokens n in one forward -> median ms, after a prompt
+    drafter_ms_per_token: float | None  # one drafter forward of one token, None without a drafter
+    machine: str  # CPU or GPU model name the figures were taken on
+    threads: int  # torch intra-op threads during the measurement
+
+    def __post_init__(self):
+        self.target_ms = {int(n): float(ms) for n, ms in sorted(self.target_ms.items())}
+        if 1 not in self.target_ms:
+            raise AdaspecError("a cost model needs target_ms[1], the cost of a one-token forward")
+        if any(n < 1 or ms <= 0 for n, ms in self.target_ms.items()):
+            raise AdaspecError(f"target_ms needs token counts >= 1 and positive times, got {self.target_ms}")
+
+    def target_cost(self, n: float) -> float:
+        """ms of a target forward over n new tokens: piecewise linear through the measured points,
+        extended past the last one along the line through the last two."""
+        if n < 1:
+            raise AdaspecError(f"a forward adds at least one token, got n={n}")
+        points = sorted(self.target_ms.items())
+        if len(points) == 1:
+            return points[0][1]
+        for (n0, t0), (n1, t1) in zip(points, points[1:]):
+            if n <= n1:
+                return t0 + (t1 - t0) * (n - n0) / (n1 - n0)
+        (n0, t0), (n1, t1) = points[-2:]
+        return max(t1, t1 + (t1 - t0) * (n - n1) / (n1 - n0))  # never cheaper than the last point
+
+    def cost_ratio(self, n: float) -> float:
+        """target_cost(n) / target_cost(1): how many one-token forwards a forward over n is worth."""
+        return self.target_cost(n) / self.target_ms[1]
+
+    def save(self, path: str | Path) -> None:
+        data = asdict(self)
+        data["target_ms"] = {str(n): ms for n, ms in self.target_ms.items()}  # JSON keys are strings
+        Path(path).write_text(json.dumps(data, indent=1) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "CostModel":
+        try:
+            data = json.loads(Path(path).read_text())
+            return cls(target_ms={int(n): ms for n, ms in data["target_ms"].items()},
+                       drafter_ms_per_token=data.get("drafter_ms_per_token"),
+                       machine=data.get("machine", ""), threads=int(data.get("threads", 0)))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise AdaspecError(f"could not read a cost model from {path}: {e}") from e
+
+
+def forward_cost(adapter: ModelAdapter, prompt_len: int = 200, new_tokens=(1, 2, 4, 8, 16),
+                 repeats: int = 5, *, seed: int = 0) -> dict[int, float]:
+    """Median ms of one `extend` over n new tokens after a prompt of `prompt_len`, for each n.
+
+    The prompt is seeded random token ids (a forward's time does not depend on which ids). Each
+    timed forward is rolled back to the prompt, so all see the same context; one untimed forward
+    per n warms up kernels and allocator first. The adapter's cache is emptied at the end.
+    """
+    if repeats < 1 or prompt_len < 1 or not new_tokens or min(new_tokens) < 1:
+        raise AdaspecError("forward_cost needs prompt_len >= 1, repeats >= 1 and token counts >= 1")
+    need = prompt_len + max(new_tokens)
+    if adapter.max_length is not None and need > adapter.max_length:
+        raise AdaspecError(f"{adapter.name}: prompt_len + max(new_tokens) = {need} exceeds its context "
+                           f"of {adapter.max_length}")
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, adapter.vocab_size, (need,), generator=g)
+    adapter.reset()
+    adapter.extend(ids[:prompt_len])
+    out: dict[int, float] = {}
+    for n in new_tokens:
+        new = ids[prompt_len:prompt_len + n]
+        times = []
+        for r in range(repeats + 1):
+            t0 = time.perf_counter()
+            adapter.extend(new)[-1, 0].item()  # deliberate sync: the time must include the forward
+            if r:  # r == 0 is the warm-up
+                times.append((time.perf_counter() - t0) * 1e3)
+            adapter.rollback(prompt_len)
+        out[int(n)] = statistics.median(times)
+    adapter.reset()
+    return out
+
+
+def machine_name() -> str:
+    """The CPU model name (from /proc/cpuinfo where there is one), else what platform reports."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def measure(target: ModelAdapter, drafter: ModelAdapter | None = None, *, prompt_len: int = 200,
+            new_tokens=(1, 2, 4, 8, 16), repeats: int = 5) -> CostModel:
+    """A CostModel for this target (and drafter) on this machine, at torch's current thread count."""
+    target_ms = forward_cost(target, prompt_len, new_tokens, repeats)
+    drafter_ms = forward_cost(drafter, prompt_len, (1,), repeats)[1] if drafter is not None else None
+    device = torch.device(target.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else machine_name()
+    return CostModel(target_ms, drafter_ms, name, torch.get_num_threads())

@@ -1,0 +1,103 @@
+"""Cost-aware draft length: draft while one more token is expected to raise the step's goodput.
+
+With a_i the calibrated probability that d_i is accepted given d_1..d_{i-1} were, the chance that
+the first j drafts are all accepted is P_j = a_1 * ... * a_j, and a step that drafts k tokens
+commits 1 + P_1 + ... + P_k tokens in expectation (the accepted prefix plus one corrected or bonus
+token). It costs k drafter forwards and one target forward over k + 1 new tokens, so
+
+    goodput(k) = (1 + sum_{j<=k} P_j) / (k * D + T(k + 1))
+
+with D the drafter's ms per token and T(n) the target's measured ms for n new tokens. After
+drafting token j the policy knows P_1..P_j; the future a's are unknown, so it assumes the next
+tokens are as likely to be accepted as the last one (P_{j+r} ~ P_j * a_j^r: confidence is
+persistent over a few tokens) and keeps drafting while some longer draft, up to k_max, has a higher
+expected goodput than stopping now. Looking ahead to every length, not just one more token, matters
+when T(n) is a staircase (flat, then a jump, then flat again, as kernels tile).
+
+Without a profile (uncalibrated) the acceptance probability is the drafter's unified confidence C
+and the costs are FALLBACK_DRAFTER and FALLBACK_GROWTH below, in units of one target forward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from adaspec.config import SpecConfig
+from adaspec.policies.length import LengthPolicy
+from adaspec.records import Signals
+
+# Uncalibrated costs, relative to a one-token target forward: a drafter a quarter of the target's
+# cost per token (a 0.5B drafter for a 1.5B target reads about a third of the weights), and a
+# verification forward that grows 10% per extra token (int8 on CPU or any GPU at small k).
+FALLBACK_DRAFTER = 0.25
+FALLBACK_GROWTH = 0.10
+
+
+def goodput(p_all: list[float], drafter_ms: float, target_ms: Callable[[int], float]) -> float:
+    """Expected committed tokens per ms of a step whose k = len(p_all) drafts are all accepted with
+    probabilities p_all[j] = P_{j+1} (non-increasing)."""
+    k = len(p_all)
+    return (1.0 + sum(p_all)) / (k * drafter_ms + target_ms(k + 1))
+
+
+def monotone(costs: list[float]) -> list[float]:
+    """Costs of forwards over 1, 2, ... tokens made non-decreasing (a running minimum from the right):
+    a forward over n tokens can never cost more than one over m > n, so a measured dip past n (timing
+    noise on a busy machine, a faster kernel tile) is what n tokens cost too."""
+    out = list(costs)
+    for i in range(len(out) - 2, -1, -1):
+        out[i] = min(out[i], out[i + 1])
+    return out
+
+
+class CostAware(LengthPolicy):
+    """Maximise expected committed tokens per unit time, token by token (see the module docstring).
+
+    accept: signals of one drafted token -> a_i in [0, 1] (the calibrated acceptance model).
+    drafter_ms: D, ms per drafter token. target_ms: n -> T(n), ms of a target forward over n tokens.
+    """
+
+    name = "cost-aware"
+
+    def __init__(self, accept: Callable[[Signals], float], drafter_ms: float, target_ms: Callable[[int], float],
+                 k_min: int, k_max: int):
+        self.accept, self.drafter_ms, self.k_min, self.k_max = accept, drafter_ms, k_min, k_max
+        self._t = [0.0] + monotone([float(target_ms(n)) for n in range(1, k_max + 2)])  # _t[n] = T(n)
+        self._p, self._sum = 1.0, 0.0  # P_j and sum_{i<=j} P_i of the current draft
+
+    def propose_length(self) -> int:
+        self._p, self._sum = 1.0, 0.0
+        return self.k_max
+
+    def _rate(self, k: int, total: float) -> float:
+        return (1.0 + total) / (k * self.drafter_ms + self._t[k + 1])
+
+    def keep_drafting(self, i: int, sig: Signals) -> bool:
+        a = min(max(float(self.accept(sig)), 0.0), 1.0)  # host sync: one scalar per drafted token
+        self._p *= a
+        self._sum += self._p
+        j = i + 1  # tokens drafted so far
+        if j < self.k_min:
+            return True
+        now = self._rate(j, self._sum)
+        p, total = self._p, self._sum
+        for m in range(j + 1, self.k_max + 1):  # assume a_{j+1} = ... = a_m = a
+            p *= a
+            total += p
+            if self._rate(m, total) > now:
+                return True
+        return False
+
+    def reset(self) -> None:
+        self._p, self._sum = 1.0, 0.0
+
+
+def make_cost_aware(spec: SpecConfig, profile=None) -> CostAware:
+    """The policy from a calibration profile, or on the documented fallbacks without one."""
+    if profile is None:
+        return CostAware(lambda s: s.confidence, FALLBACK_DRAFTER, lambda n: 1.0 + FALLBACK_GROWTH * (n - 1),
+                         spec.k_min, spec.k_max)
+    model, cost = profile.acceptance, profile.cost
+    drafter_ms = cost.drafter_ms_per_token if cost.drafter_ms_per_token is not None else 0.0
+    return CostAware(lambda s: model.prob(s.c_ent, s.c_logit, s.c_soft), drafter_ms, cost.target_cost,
+                     spec.k_min, spec.k_max)

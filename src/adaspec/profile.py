@@ -1,0 +1,191 @@
+"""A calibration profile: what `adaspec calibrate` fitted for one target/drafter pair, as JSON.
+
+A profile holds
+- the identity of both models (name, vocabulary size, the pinned sha256 of registry presets, a
+  fingerprint of the weights), so that a profile made for another pair is refused;
+- the acceptance model a = sigmoid(b + w . (c_ent, c_logit, c_soft)), w >= 0: the probability that
+  the target accepts a draft token given that every earlier token of its draft was accepted;
+- the knobs it implies: lambdas = w / sum(w), the entropy threshold of the "reasoning" regime,
+  the drafter pool's skip_entropy;
+- the measured cost model (costmodel.CostModel) of the pair on the calibration machine;
+- goodness-of-fit figures on the calibration, held-out and transfer prompts, and what data and
+  settings produced them. docs/calibration.md explains every field.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from adaspec.config import CALIBRATED_METHODS, AdaspecError, SpecConfig
+from adaspec.costmodel import CostModel
+
+PROFILE_VERSION = 1
+SIGNAL_NAMES = ("c_ent", "c_logit", "c_soft")  # order of AcceptanceModel.weights and of lambdas
+
+
+@dataclass
+class AcceptanceModel:
+    """P(accept d_i | d_1..d_{i-1} accepted, signals of d_i) = sigmoid(intercept + weights . c)."""
+
+    intercept: float
+    weights: tuple[float, float, float]  # on (c_ent, c_logit, c_soft); non-negative
+
+    def logit(self, c_ent, c_logit, c_soft):
+        """Floats or same-shaped tensors (...) -> the log-odds of acceptance (...)."""
+        w = self.weights
+        return self.intercept + w[0] * c_ent + w[1] * c_logit + w[2] * c_soft
+
+    def prob(self, c_ent, c_logit, c_soft):
+        z = self.logit(c_ent, c_logit, c_soft)
+        return torch.sigmoid(z) if isinstance(z, torch.Tensor) else 1.0 / (1.0 + math.exp(-z))
+
+
+@dataclass
+class Profile:
+    target: dict  # model_identity() of the target
+    drafter: dict  # model_identity() of the drafter
+    acceptance: AcceptanceModel
+    lambdas: tuple[float, float, float]  # acceptance weights normalised to sum 1
+    entropy_threshold: float  # normalised entropy separating routine from "reasoning" (Youden's J)
+    skip_entropy: float  # pool: draft nothing above this first-token entropy (1.0 = never skip)
+    cost: CostModel  # measured target ms per new-token count, drafter ms per token
+    fit: dict = field(default_factory=dict)  # split name -> goodness-of-fit figures (calibrate.goodness)
+    details: dict = field(default_factory=dict)  # Youden curve point, skip table, per-position rates, overhead
+    data: dict = field(default_factory=dict)  # suite, split, prompt ids per role, generation settings
+    version: int = PROFILE_VERSION
+
+    def knobs(self) -> dict:
+        """The SpecConfig knobs this profile calibrates."""
+        return {"lambdas": tuple(self.lambdas), "entropy_threshold": self.entropy_threshold,
+                "skip_entropy": self.skip_entropy}
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        d["cost"]["target_ms"] = {str(n): ms for n, ms in self.cost.target_ms.items()}  # JSON keys are strings
+        return json.dumps(d, indent=1) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str, source: str = "profile") -> "Profile":
+        try:
+            d = json.loads(text)
+            if d.get("version") != PROFILE_VERSION:
+                raise AdaspecError(f"{source} is a version {d.get('version')!r} profile; this adaspec reads version "
+                                   f"{PROFILE_VERSION}: run `adaspec calibrate` again")
+            c = d["cost"]
+            cost = CostModel(target_ms={int(n): ms for n, ms in c["target_ms"].items()},
+                             drafter_ms_per_token=c.get("drafter_ms_per_token"), machine=c.get("machine", ""),
+                             threads=int(c.get("threads", 0)))
+            a = d["acceptance"]
+            return cls(target=d["target"], drafter=d["drafter"],
+                       acceptance=AcceptanceModel(float(a["intercept"]), tuple(map(float, a["weights"]))),
+                       lambdas=tuple(map(float, d["lambdas"])), entropy_threshold=float(d["entropy_threshold"]),
+                       skip_entropy=float(d["skip_entropy"]), cost=cost, fit=d.get("fit", {}),
+                       details=d.get("details", {}), data=d.get("data", {}), version=d["version"])
+        except AdaspecError:
+            raise
+        except (ValueError, KeyError, TypeError) as e:
+            raise AdaspecError(f"{source} is not an adaspec calibration profile ({type(e).__name__}: {e}); "
+                               "make one with `adaspec calibrate`") from e
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_json())
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Profile":
+        try:
+            text = Path(path).read_text()
+        except OSError as e:
+            raise AdaspecError(f"cannot read the profile {path}: {e.strerror or e}") from e
+        return cls.from_json(text, source=str(path))
+
+    def check_pair(self, target: dict, drafter: dict | None) -> None:
+        """Refuse (AdaspecError) to use this profile with models other than the ones it was made for."""
+        if drafter is None:
+            raise AdaspecError("a calibration profile needs a drafter model: load the drafter it was made for "
+                               f"({self.drafter.get('name')})")
+        for role, mine, theirs in (("target", self.target, target), ("drafter", self.drafter, drafter)):
+            why = identity_mismatch(mine, theirs)
+            if why:
+                raise AdaspecError(
+                    f"this profile was calibrated for target {self.target.get('name')!r} with drafter "
+                    f"{self.drafter.get('name')!r}, but the {role} here is {theirs.get('name')!r} ({why}); run "
+                    f"`adaspec calibrate --target {target.get('name')} --drafter {drafter.get('name')}` for this "
+                    "pair, or load the pair the profile was made for")
+
+
+def load_profile(profile: "Profile | str | Path | None") -> Profile | None:
+    return Profile.load(profile) if isinstance(profile, (str, Path)) else profile
+
+
+def model_identity(adapter, name: str | None = None) -> dict:
+    """What identifies a model for a profile: name, vocabulary, registry sha256, weight fingerprint."""
+    name = name or adapter.name
+    sha = None
+    try:
+        from adaspec.models.registry import PRESETS
+
+        sha = PRESETS[name].sha256 if name in PRESETS else None
+    except ImportError:  # the registry's optional dependencies are missing: names still identify presets
+        pass
+    from adaspec.models.quant import is_quantized
+
+    return {"name": name, "vocab_size": int(adapter.vocab_size), "sha256": sha,
+            "fingerprint": weights_fingerprint(adapter), "quantized": is_quantized(adapter)}
+
+
+def weights_fingerprint(adapter, samples: int = 1024) -> str | None:
+    """sha256 over every tensor's name, shape, dtype and a strided sample of its values (fast even for
+    billions of weights); None when the adapter exposes no torch model. dtype and quantisation change it."""
+    model = getattr(adapter, "model", None)
+    if not isinstance(model, torch.nn.Module):
+        return None
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        if not isinstance(t, torch.Tensor):
+            continue
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+        flat = t.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // samples)][:samples].contiguous().cpu()
+        h.update(sample.view(torch.uint8).numpy().tobytes() if sample.numel() else b"")
+    return h.hexdigest()
+
+
+def identity_mismatch(expected: dict, got: dict) -> str | None:
+    """Why two identities name different models, or None. The weights' fingerprint decides where
+    both have one; else the pinned sha256; else the name."""
+    if expected.get("vocab_size") != got.get("vocab_size"):
+        return f"vocabulary {got.get('vocab_size')} instead of {expected.get('vocab_size')}"
+    if expected.get("fingerprint") and got.get("fingerprint"):
+        if expected.get("quantized") != got.get("quantized"):
+            return ("int8-quantised, the profile's model was not" if got.get("quantized")
+                    else "not int8-quantised, the profile's model was: add --quant int8")
+        if expected["fingerprint"] != got["fingerprint"]:
+            return "different weights or dtype"
+        return None
+    if expected.get("sha256") and got.get("sha256"):
+        return None if expected["sha256"] == got["sha256"] else "different sha256"
+    return None if expected.get("name") == got.get("name") else "different name"
+
+
+def calibrated_spec(spec: SpecConfig, profile: Profile | None, *, warn: bool = True) -> SpecConfig:
+    """The knobs a request runs with. Calibrated methods take lambdas, entropy_threshold and
+    skip_entropy from the profile wherever the request leaves them at their built-in defaults (an
+    explicit other value wins, e.g. in a sweep); every other method ignores the profile."""
+    if spec.method not in CALIBRATED_METHODS:
+        return spec
+    if profile is None:
+        if warn:
+            warnings.warn(f"method {spec.method!r} is running without a calibration profile, on built-in "
+                          "fallbacks (docs/calibration.md); run `adaspec calibrate` for this pair and pass "
+                          "--profile (or profile= to adaspec.load)", UserWarning, stacklevel=3)
+        return spec
+    default = SpecConfig()
+    changes = {k: v for k, v in profile.knobs().items() if getattr(spec, k) == getattr(default, k)}
+    return spec.with_(**changes)
