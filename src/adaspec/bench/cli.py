@@ -1,0 +1,138 @@
+"""`adaspec bench`, `adaspec sweep` and `adaspec diagnose`: thin shells over bench.runner and bench.report."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import asdict
+
+from adaspec.cli import add_knob_args, add_model_args, knob_options, load_engine
+from adaspec.config import SamplingConfig, SpecConfig
+
+DEFAULT_METHODS = "ar,hf-ar,hf-assisted,fixed-k4,heuristic,cmasd-k,cmasd,oracle"
+
+
+def register(sub) -> None:
+    from adaspec.bench.datasets import SPEC_BENCH_SUBTASKS, SUITES
+
+    b = sub.add_parser("bench", help="benchmark methods on Spec-Bench, GSM8K or HumanEval",
+                       description="Run methods prompt by prompt (interleaved, warmed up, resumable) and write "
+                                   "records.jsonl, run.json, report.md and plots to --out.")
+    _common(b, SUITES, SPEC_BENCH_SUBTASKS)
+    b.add_argument("--methods", default=DEFAULT_METHODS,
+                   help="comma-separated methods: ar, hf-ar, hf-assisted, fixed-kN, heuristic, confidence-stop, cmasd, "
+                        "cmasd-k, cmasd-tau (lossy, tau_base 0.1 unless --tau-base), entropy, oracle, any preset; "
+                        f"knob overrides as name:knob=value (default {DEFAULT_METHODS})")
+    b.add_argument("--no-plots", dest="plots", action="store_false", help="skip the PNG plots")
+    b.set_defaults(func=cmd_bench)
+
+    s = sub.add_parser("sweep", help="run a knob grid and plot the speed-quality Pareto frontier",
+                       description="Run one method over a grid of knob values (plus ar) on a small prompt set and "
+                                   "write sweep.md and sweep_*.png (speedup against agreement with ar and task "
+                                   "metric).")
+    _common(s, SUITES, SPEC_BENCH_SUBTASKS, limit=1)
+    s.add_argument("--grid", nargs="+", required=True, metavar="KNOB=V1,V2",
+                   help="grid axes, e.g. alpha=0.5,1.0 gamma=0.5,1,2 tau_base=0.05,0.1,0.2 k_max=4,8 beta=1,2")
+    s.set_defaults(func=cmd_sweep)
+
+    d = sub.add_parser("diagnose", help="name the failure signatures of a benchmark run and the knob to turn",
+                       description="Read a bench folder: high rollback rate, no speedup, quality loss in lossy "
+                                   "modes, lossless mismatches. Exit status 1 when a lossless mismatch (a bug) is "
+                                   "found.")
+    d.add_argument("run_dir", help="the --out folder of `adaspec bench` or `adaspec sweep`")
+    d.add_argument("--rollback-limit", type=float, default=0.4, help="flag rollback rates above this (default 0.4)")
+    d.add_argument("--agreement-floor", type=float, default=0.95,
+                   help="flag lossy methods agreeing with ar on fewer tokens than this (default 0.95)")
+    d.set_defaults(func=cmd_diagnose)
+
+
+def _common(p: argparse.ArgumentParser, suites, subtasks, limit: int | None = None) -> None:
+    p.add_argument("--suite", choices=suites, default="spec-bench", help="prompt suite (default spec-bench)")
+    p.add_argument("--limit", type=int, default=limit,
+                   help="prompts per subtask for spec-bench (six subtasks), in all for the others "
+                        f"(default {'all' if limit is None else limit})")
+    p.add_argument("--subtasks", default=None, help=f"spec-bench only: comma-separated subset of {', '.join(subtasks)}")
+    p.add_argument("--out", required=True, help="output folder; an existing run there is resumed")
+    p.add_argument("--repeats", type=int, default=1, help="timed runs per prompt and method (default 1)")
+    p.add_argument("--no-warmup", dest="warmup", action="store_false", help="skip the discarded warm-up runs")
+    p.add_argument("--no-trace", dest="trace", action="store_false",
+                   help="do not record per-token traces (no calibration or trace plots; saves a few host reads "
+                        "per step)")
+    p.add_argument("--no-cost-model", dest="cost_model", action="store_false", help="skip measuring the cost model")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_model_args(p)
+    add_knob_args(p)
+    for action in p._actions:  # the shared --method does not apply to bench; sweep uses it
+        if action.dest == "method":
+            action.help = ("method whose knobs `sweep` varies (default cmasd)" if p.prog.endswith("sweep")
+                           else argparse.SUPPRESS)
+
+
+def run_options(a: argparse.Namespace) -> dict:
+    """The knobs given on the command line that differ from their defaults: the run's options.
+    Left-out knobs stay unset, so that a method's own defaults (cmasd-tau's tau_base) apply."""
+    defaults = {**asdict(SpecConfig()), **asdict(SamplingConfig()), "stop": (), "ignore_eos": False}
+    opts = knob_options(a)
+    opts.pop("max_new_tokens")
+    return {k: v for k, v in opts.items() if k not in defaults or defaults[k] != v}
+
+
+def _records(a: argparse.Namespace):
+    from adaspec.bench.datasets import load_spec_bench, load_suite
+    from adaspec.config import AdaspecError
+
+    if a.subtasks:
+        if a.suite != "spec-bench":
+            raise AdaspecError("--subtasks applies to --suite spec-bench only")
+        return load_spec_bench(subtasks=[s.strip() for s in a.subtasks.split(",")], limit_per_subtask=a.limit)
+    return load_suite(a.suite, a.limit)
+
+
+def _run(a: argparse.Namespace, methods: list[str]):
+    from adaspec.bench.runner import run_bench
+
+    engine = load_engine(a)
+    return run_bench(engine, _records(a), methods, max_new_tokens=a.max_new_tokens, out_dir=a.out, warmup=a.warmup,
+                     repeats=a.repeats, options=run_options(a), threads=a.threads, trace=a.trace,
+                     cost_model=a.cost_model, progress=not a.quiet)
+
+
+def cmd_bench(a: argparse.Namespace) -> int:
+    from adaspec.bench import methods as M
+    from adaspec.bench.report import Run, render_diagnosis, diagnose, write_report
+
+    labels = [m.strip() for m in a.methods.split(",") if m.strip()]
+    for label in labels:
+        M.resolve(label)  # unknown names fail before any model loads
+    out = _run(a, labels)
+    report = write_report(out)
+    print(f"wrote {report}")
+    if a.plots:
+        from adaspec.bench.plots import write_plots
+
+        for path in write_plots(out):
+            print(f"wrote {path}")
+    run = Run(out)
+    print(render_diagnosis(run, diagnose(run)))
+    return 0
+
+
+def cmd_sweep(a: argparse.Namespace) -> int:
+    from adaspec.bench import methods as M
+    from adaspec.bench.report import write_report, write_sweep
+
+    grid = M.parse_grid(a.grid)
+    labels = M.grid_labels(a.method, grid)
+    print(f"sweeping {len(labels)} grid points of {a.method} (plus ar)")
+    out = _run(a, labels)
+    print(f"wrote {write_sweep(out, labels, grid)}")
+    print(f"wrote {write_report(out)}")
+    return 0
+
+
+def cmd_diagnose(a: argparse.Namespace) -> int:
+    from adaspec.bench.report import Run, diagnose, render_diagnosis
+
+    run = Run(a.run_dir)
+    findings = diagnose(run, rollback_limit=a.rollback_limit, agreement_floor=a.agreement_floor)
+    print(render_diagnosis(run, findings))
+    return 1 if any(f.kind == "bug" for f in findings) else 0

@@ -1,0 +1,452 @@
+"""The benchmark report: speed, quality, the CM-ASD ablation and the cost model, from records.jsonl.
+
+Speedup is given two ways, over the prompts both a method and `ar` finished:
+- paired: the mean over prompts of (method tok/s / ar tok/s) on the same prompt;
+- Spec-Bench: mean method tok/s / mean ar tok/s (each mean over prompts), as Spec-Bench's
+  evaluation/speed.py computes it.
+tok/s of a prompt is its new tokens over the wall time of the whole generation (prefill included);
+with repeats the median wall time is used.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+from adaspec.bench.runner import read_run
+from adaspec.config import PRESETS
+
+REPORT_FILE = "report.md"
+ABLATION = ("fixed", "cmasd-k", "cmasd-tau", "cmasd")  # base methods of the CM-ASD ablation
+SUBTASK_ORDER = ("mt_bench", "translation", "summarization", "qa", "math_reasoning", "rag", "gsm8k", "humaneval")
+
+
+@dataclass
+class Summary:
+    """One method over one set of prompts (those it and `ar` both finished)."""
+
+    method: str
+    n: int  # prompts compared
+    tokens_per_s: float  # mean over prompts of new tokens / wall seconds
+    ar_tokens_per_s: float  # the same, for ar on the same prompts
+    speedup_paired: float  # mean over prompts of tok/s method / tok/s ar
+    speedup_specbench: float  # mean tok/s method / mean tok/s ar
+    mean_accepted: float | None  # new tokens per target forward (None: not measured, e.g. hf-*)
+    acceptance: float | None  # accepted / drafted tokens
+    rollback: float | None  # share of steps that rejected a draft token
+    shares: dict | None  # share of generation time in drafting / verification / policy overhead
+    identical: int  # outputs identical to ar
+    agreement: float  # mean token agreement with ar
+    lossless: bool
+    greedy: bool
+
+
+class Run:
+    """A benchmark folder's rows, merged over repeats: run.prompts[method][record id] -> row."""
+
+    def __init__(self, run_dir: str | Path):
+        self.dir = Path(run_dir)
+        self.meta, self.rows = read_run(self.dir)
+        self.errors = [r for r in self.rows if r.get("error")]
+        by: dict[str, dict[str, list[dict]]] = {}
+        for r in self.rows:
+            if not r.get("error"):
+                by.setdefault(r["method"], {}).setdefault(r["record_id"], []).append(r)
+        self.prompts = {m: {rid: _merge(rs) for rid, rs in recs.items()} for m, recs in by.items()}
+        order = self.meta.get("methods", [])
+        self.methods = sorted(self.prompts, key=lambda m: (order.index(m) if m in order else len(order), m))
+        self.subtasks = sorted({r["subtask"] for r in self.rows},
+                               key=lambda s: (SUBTASK_ORDER.index(s) if s in SUBTASK_ORDER else 99, s))
+
+    def summary(self, method: str, subtask: str | None = None) -> Summary | None:
+        mine, ar = self.prompts.get(method, {}), self.prompts.get("ar", {})
+        ids = [i for i in mine if i in ar and (subtask is None or mine[i]["subtask"] == subtask)]
+        if not ids:
+            return None
+        tps = [mine[i]["tokens_per_s"] for i in ids]
+        tps_ar = [ar[i]["tokens_per_s"] for i in ids]
+        stats = [mine[i]["stats"] for i in ids if mine[i].get("stats")]
+        total = lambda key: sum(s[key] for s in stats)  # noqa: E731
+        measured = len(stats) == len(ids)
+        time_s = total("total_s") if measured else 0
+        quality = [_compare(mine[i]["token_ids"], ar[i]["token_ids"]) for i in ids]
+        return Summary(
+            method=method, n=len(ids), tokens_per_s=statistics.fmean(tps), ar_tokens_per_s=statistics.fmean(tps_ar),
+            speedup_paired=statistics.fmean(a / b for a, b in zip(tps, tps_ar) if b > 0),
+            speedup_specbench=statistics.fmean(tps) / statistics.fmean(tps_ar),
+            mean_accepted=(total("new_tokens") / total("target_forwards")
+                           if measured and total("target_forwards") else None),
+            acceptance=total("accepted") / total("drafted") if measured and total("drafted") else None,
+            rollback=total("rollbacks") / total("steps") if measured and total("drafted") else None,
+            shares={k: total(f"{k}_s") / time_s for k in ("draft", "verify", "policy")} if time_s > 0 else None,
+            identical=sum(q[0] for q in quality), agreement=statistics.fmean(q[1] for q in quality),
+            lossless=all(mine[i].get("lossless") for i in ids), greedy=all(mine[i].get("greedy", True) for i in ids))
+
+    def task_quality(self, method: str) -> dict[str, float]:
+        """Task metrics of a method's outputs: BLEU, ROUGE-1/2/L, answer accuracy, pass@1."""
+        from adaspec.bench import metrics
+
+        rows = list(self.prompts.get(method, {}).values())
+        out: dict[str, float] = {}
+        pick = lambda sub: [r for r in rows if r["subtask"] == sub and r.get("text") is not None]  # noqa: E731
+        if tr := [r for r in pick("translation") if r.get("reference")]:
+            out["BLEU (translation)"] = metrics.bleu([r["text"] for r in tr], [r["reference"] for r in tr])
+        if sm := [r for r in pick("summarization") if r.get("reference")]:
+            for kind, v in metrics.rouge([r["text"] for r in sm], [r["reference"] for r in sm]).items():
+                out[f"{kind.upper().replace('ROUGE', 'ROUGE-')} (summarization)"] = 100 * v
+        for sub in ("gsm8k", "math_reasoning"):
+            if got := [r for r in pick(sub) if r.get("task")]:
+                out[f"accuracy ({sub})"] = 100 * statistics.fmean(r["task"]["correct"] for r in got)
+        if got := [r for r in pick("humaneval") if r.get("task")]:
+            out["pass@1 (humaneval)"] = 100 * statistics.fmean(r["task"]["passed"] for r in got)
+        return out
+
+    def option(self, method: str, knob: str, default=None):
+        return self.meta.get("method_options", {}).get(method, {}).get(knob, default)
+
+    def base_method(self, method: str) -> str:
+        row = next(iter(self.prompts.get(method, {}).values()), None)
+        return row["base_method"] if row else method.split(":")[0]
+
+
+def _merge(rows: list[dict]) -> dict:
+    """Repeats of one (prompt, method) -> one row: median wall time, counters summed."""
+    if len(rows) == 1:
+        return rows[0]
+    row = dict(rows[0])
+    row["wall_s"] = statistics.median(r["wall_s"] for r in rows)
+    row["tokens_per_s"] = row["new_tokens"] / row["wall_s"] if row["wall_s"] > 0 else 0.0
+    if all(r.get("stats") for r in rows):
+        row["stats"] = {k: sum(r["stats"][k] for r in rows) for k, v in rows[0]["stats"].items()
+                        if isinstance(v, (int, float))}
+    return row
+
+
+def _compare(ids: list[int], ar_ids: list[int]) -> tuple[bool, float]:
+    from adaspec.bench.metrics import token_agreement
+
+    return list(ids) == list(ar_ids), token_agreement(ids, ar_ids).match_rate
+
+
+# ---- the markdown -----------------------------------------------------------------------------------
+
+def write_report(run_dir: str | Path) -> Path:
+    run = Run(run_dir)
+    path = run.dir / REPORT_FILE
+    path.write_text(render(run), encoding="utf-8")
+    return path
+
+
+def render(run: Run) -> str:
+    meta = run.meta
+    parts = ["# adaspec benchmark report", "", provenance(meta), "", "## Findings", ""]
+    parts += [f"- {s}" for s in findings(run)] or ["- nothing notable."]
+    parts += ["", "## Speed", "", header(meta), "", speed_table(run), "", _SPEED_LEGEND, "",
+              "## Quality", "", header(meta), "", quality_table(run), "", _QUALITY_LEGEND]
+    if ablation := ablation_table(run):
+        parts += ["", "## CM-ASD ablation", "", header(meta), "", ablation, "", _ABLATION_LEGEND]
+    parts += ["", "## Cost model", "", header(meta), "", cost_table(meta)]
+    if notes := method_notes(run):
+        parts += ["", "## Method settings", ""] + [f"- {n}" for n in notes]
+    if run.errors:
+        parts += ["", "## Errors", "", "| Method | Prompts | First error |", "|---|---|---|"]
+        by: dict[str, list[dict]] = {}
+        for r in run.errors:
+            by.setdefault(r["method"], []).append(r)
+        parts += [f"| {m} | {len(rs)} | {rs[0]['record_id']}: {rs[0]['error'][:160]} |" for m, rs in by.items()]
+    return "\n".join(parts) + "\n"
+
+
+def provenance(meta: dict) -> str:
+    t, d = meta.get("target") or {}, meta.get("drafter") or {}
+    sessions = meta.get("sessions", [])
+    lines = [f"- command: `{meta.get('command', '?')}`", f"- machine: {machine_line(meta)}",
+             f"- versions: " + ", ".join(f"{k} {v}" for k, v in meta.get("versions", {}).items()),
+             f"- target: {_model_line(t)}", f"- drafter: {_model_line(d) if d else 'none'}",
+             f"- max_new_tokens {meta.get('max_new_tokens')}, repeats {meta.get('repeats', 1)}, "
+             f"warm-up {'on' if meta.get('warmup', True) else 'off'}, prompts {len(meta.get('records', []))}",
+             f"- sessions: " + "; ".join(f"{s['start']} to {s.get('end') or 'unfinished'}" for s in sessions)]
+    if meta.get("skipped_methods"):
+        lines += [f"- skipped {m}: {why}" for m, why in meta["skipped_methods"].items()]
+    return "\n".join(lines)
+
+
+def machine_line(meta: dict) -> str:
+    m = meta.get("machine", {})
+    gpu = f", GPU {m['gpu']}" if m.get("gpu") else ""
+    cores = m.get("cores") or m.get("cpus", "?")
+    return f"{m.get('cpu', '?')}, {cores} cores, torch threads {m.get('torch_threads', '?')}{gpu}"
+
+
+def header(meta: dict) -> str:
+    return f"_`{meta.get('command', '?')}` on {machine_line(meta)}_"
+
+
+def _model_line(info: dict) -> str:
+    extra = ", ".join(f"{k} {info[k]}" for k in ("dtype", "sha256") if info.get(k))
+    return f"{info.get('name')}" + (f" ({extra})" if extra else "")
+
+
+def _f(x, fmt: str = "{:.2f}", none: str = "—") -> str:
+    return none if x is None else fmt.format(x)
+
+
+def speed_table(run: Run) -> str:
+    rows = ["| Subtask | Method | n | tok/s | speedup (paired) | speedup (Spec-Bench) | accepted / fwd | "
+            "acceptance | rollback | draft | verify | policy |", "|---" * 12 + "|"]
+    for sub in ["all", *run.subtasks]:
+        for m in run.methods:
+            s = run.summary(m, None if sub == "all" else sub)
+            if s is None:
+                continue
+            sh = s.shares or {}
+            rows.append(f"| {sub} | {m} | {s.n} | {s.tokens_per_s:.1f} | {s.speedup_paired:.2f}x | "
+                        f"{s.speedup_specbench:.2f}x | {_f(s.mean_accepted)} | {_f(s.acceptance, '{:.1%}')} | "
+                        f"{_f(s.rollback, '{:.1%}')} | {_f(sh.get('draft'), '{:.0%}')} | "
+                        f"{_f(sh.get('verify'), '{:.0%}')} | {_f(sh.get('policy'), '{:.0%}')} |")
+    return "\n".join(rows)
+
+
+def quality_table(run: Run) -> str:
+    task = {m: run.task_quality(m) for m in run.methods}
+    cols = list(dict.fromkeys(k for q in task.values() for k in q))
+    rows = ["| Method | lossless | identical to ar | token agreement | " + " | ".join(cols) + (" |" if cols else "|"),
+            "|---" * (4 + len(cols)) + "|"]
+    for m in run.methods:
+        s = run.summary(m)
+        if s is None:
+            continue
+        same = f"{s.identical}/{s.n}" + (" **BUG**" if s.lossless and s.greedy and s.identical < s.n else "")
+        cells = [_f(task[m].get(c), "{:.1f}") for c in cols]
+        rows.append(f"| {m} | {'yes' if s.lossless else 'no'} | {same} | {s.agreement:.1%} | " + " | ".join(cells)
+                    + (" |" if cells else "|"))
+    return "\n".join(rows)
+
+
+def ablation_table(run: Run) -> str | None:
+    members = [m for m in run.methods if run.base_method(m) in ABLATION]
+    if len({run.base_method(m) for m in members}) < 2:
+        return None
+    rows = ["| Method | adaptive k | relaxed tau | k / k_max | tau_base | gamma | speedup (paired) | "
+            "speedup (Spec-Bench) | accepted / fwd | acceptance | agreement with ar |", "|---" * 11 + "|"]
+    for m in members:
+        s, base = run.summary(m), run.base_method(m)
+        adaptive, relaxed = base in ("cmasd-k", "cmasd"), base in ("cmasd-tau", "cmasd")
+        k = run.option(m, "k_max", 8) if adaptive else run.option(m, "k", 4)
+        tau = run.option(m, "tau_base", 0.0) if relaxed else 0.0
+        rows.append(f"| {m} | {'yes' if adaptive else 'no'} | {'yes' if relaxed else 'no'} | {k} | "
+                    f"{f'{tau:g}' if relaxed else '—'} | {run.option(m, 'gamma', 1.0) if relaxed else '—'} | "
+                    f"{s.speedup_paired:.2f}x | {s.speedup_specbench:.2f}x | {_f(s.mean_accepted)} | "
+                    f"{_f(s.acceptance, '{:.1%}')} | {s.agreement:.1%} |")
+    if any(run.base_method(m) == "cmasd" and not run.option(m, "tau_base", 0.0) for m in members):
+        rows += ["", "cmasd ran with tau_base = 0, which makes it cmasd-k; run `cmasd:tau_base=0.1` (or --tau-base 0.1) "
+                     "to ablate the full method."]
+    return "\n".join(rows)
+
+
+def cost_table(meta: dict) -> str:
+    cost = meta.get("cost_model")
+    if not cost:
+        return "not measured (run without --no-cost-model)."
+    if "error" in cost:
+        return f"not measured: {cost['error']}"
+    ms = {int(n): v for n, v in cost["target_ms"].items()}
+    rows = [f"Target forward after a {cost.get('prompt_len')}-token prompt (median of {cost.get('repeats')}):", "",
+            "| new tokens n | target ms | x one-token forward |", "|---|---|---|"]
+    rows += [f"| {n} | {v:.2f} | {v / ms[1]:.2f} |" for n, v in sorted(ms.items())]
+    if cost.get("drafter_ms_per_token") is not None:
+        d = cost["drafter_ms_per_token"]
+        rows += ["", f"Drafter: {d:.2f} ms per token, c = drafter / target one-token forward = {d / ms[1]:.2f}."]
+    return "\n".join(rows)
+
+
+def method_notes(run: Run) -> list[str]:
+    notes = []
+    base_opts = run.meta.get("options", {})
+    for m in run.methods:
+        opts = run.meta.get("method_options", {}).get(m, {})
+        own = {k: v for k, v in opts.items() if base_opts.get(k) != v}
+        if own:
+            notes.append(f"{m}: " + ", ".join(f"{k}={v}" for k, v in own.items()))
+        if run.base_method(m) == "cmasd-tau" and opts.get("tau_base", 0) > 0:
+            notes.append(f"{m} is LOSSY: it runs the relaxed CM-ASD verification with tau_base={opts['tau_base']} "
+                         "(0.1 unless overridden); judge it by token agreement and task metrics, not identity.")
+        if m == "hf-assisted" and run.meta.get("hf_assisted"):
+            h = run.meta["hf_assisted"]
+            refit = ("re-fitted during generation" if h.get("threshold_refit")
+                     else "fixed: scikit-learn is not installed")
+            notes.append(f"hf-assisted: transformers' defaults, {h.get('num_assistant_tokens')} assistant tokens, "
+                         f"schedule {h.get('num_assistant_tokens_schedule')!r}, confidence threshold "
+                         f"{h.get('assistant_confidence_threshold')} "
+                         f"({refit}).")
+        if m == "oracle":
+            notes.append("oracle: an upper bound, not a method: it knows ar's output and drafts exactly as far as it "
+                         "would be accepted.")
+    return notes
+
+
+def findings(run: Run) -> list[str]:
+    """Plain sentences: bugs, and where adaspec is slower than ar or than transformers' assisted decoding."""
+    out = []
+    for m in run.methods:
+        s = run.summary(m)
+        if s and s.lossless and s.greedy and s.identical < s.n:
+            out.append(f"**BUG**: {m} is lossless but its output differs from ar on {s.n - s.identical} of {s.n} "
+                       "prompts (a near-tie in the logits can also do this in float32; rerun with --dtype float64 "
+                       "to tell them apart).")
+    ours = [m for m in run.methods if m != "ar" and not m.startswith("hf-") and run.base_method(m) != "oracle"]
+    for sub in ["all", *run.subtasks]:
+        where = "overall" if sub == "all" else f"on {sub}"
+        key = None if sub == "all" else sub
+        hf = run.summary("hf-assisted", key)
+        mine = [s for m in ours if (s := run.summary(m, key)) is not None]
+        if slow := [s for s in mine if s.speedup_specbench < 1]:
+            out.append(f"slower than ar {where}: " + ", ".join(
+                f"{s.method} {s.speedup_specbench:.2f}x" for s in slow) + " (Spec-Bench speedup).")
+        if hf is not None and (behind := [s for s in mine if s.speedup_specbench < hf.speedup_specbench]):
+            out.append(f"slower than hf-assisted ({hf.speedup_specbench:.2f}x) {where}: " + ", ".join(
+                f"{s.method} {s.speedup_specbench:.2f}x" for s in behind) + ".")
+    hf_ar = run.summary("hf-ar")
+    if hf_ar is not None and hf_ar.speedup_specbench > 1.05:
+        out.append(f"transformers' plain generate (hf-ar) is {hf_ar.speedup_specbench:.2f}x as fast as adaspec's ar "
+                   "loop: speedups over ar are measured against the slower baseline.")
+    for m in run.methods:
+        if (s := run.summary(m)) and not s.lossless:
+            out.append(f"{m} is lossy: {s.agreement:.1%} token agreement with ar, {s.identical}/{s.n} outputs "
+                       "identical.")
+    return out
+
+
+_SPEED_LEGEND = """tok/s: new tokens / wall seconds per prompt (prefill included), averaged over prompts.
+speedup (paired): mean over prompts of tok/s(method) / tok/s(ar) on the same prompt. speedup (Spec-Bench):
+mean tok/s(method) / mean tok/s(ar). accepted / fwd: new tokens per target forward (accepted drafts + the
+corrected or bonus token; ar = 1). acceptance: accepted / drafted tokens. rollback: share of steps that
+rejected a draft token. draft / verify / policy: share of generation time spent in drafter forwards, target
+forwards, and signals, policy and verification-rule bookkeeping (the rest is prefill). — = not measured
+(transformers' generate) or nothing drafted."""
+
+_QUALITY_LEGEND = """identical to ar: outputs equal to ar's token for token (a lossless method must reach n/n
+under greedy decoding; anything less is flagged **BUG**). token agreement: mean share of positions where the
+method's token equals ar's. Task metrics are in percent (BLEU on its 0-100 scale) over that suite's prompts."""
+
+_ABLATION_LEGEND = """fixed: fixed k, exact verification. cmasd-k: confidence-adaptive k, exact verification. cmasd-tau:
+fixed k, confidence-relaxed verification (lossy when tau_base > 0). cmasd: both (lossless when tau_base = 0,
+when it equals cmasd-k)."""
+
+
+# ---- diagnose: the paper's failure signatures ------------------------------------------------------
+
+@dataclass
+class Finding:
+    kind: str  # "bug" | "rollback" | "no-speedup" | "quality-loss"
+    method: str
+    seen: str  # what the run shows
+    action: str  # the knob to turn
+
+
+def diagnose(run: Run, *, rollback_limit: float = 0.4, agreement_floor: float = 0.95,
+             metric_drop: float = 1.0) -> list[Finding]:
+    """Name the failure signatures in a run, each with the knob to turn.
+
+    - lossless output differs from ar (greedy) -> a bug;
+    - rollback rate over `rollback_limit` -> reduce k_max or use a better-aligned drafter;
+    - no speedup over ar -> check confidence calibration and the drafter's cost;
+    - a lossy method agrees with ar on less than `agreement_floor` of tokens, or loses more than
+      `metric_drop` points of a task metric -> lower tau_base or raise gamma.
+    """
+    out = []
+    cost = run.meta.get("cost_model") or {}
+    c = None
+    if cost.get("drafter_ms_per_token") and cost.get("target_ms"):
+        c = cost["drafter_ms_per_token"] / cost["target_ms"]["1"]
+    ar_task = run.task_quality("ar")
+    for m in run.methods:
+        s = run.summary(m)
+        if m == "ar" or s is None:
+            continue
+        ours = not m.startswith("hf-") and run.base_method(m) != "oracle"
+        if s.lossless and s.greedy and s.identical < s.n:
+            out.append(Finding("bug", m, f"lossless, yet its output differs from ar on {s.n - s.identical} of "
+                                         f"{s.n} prompts", "report it with records.jsonl; rerun with --dtype float64 "
+                                                           "to rule out float32 near-ties"))
+        if ours and s.rollback is not None and s.rollback > rollback_limit:
+            fixed = PRESETS.get(run.base_method(m), (None,))[0] == "fixed"  # its length knob is k, not k_max
+            knob = (f"k (--k, now {run.option(m, 'k', 4)})" if fixed
+                    else f"k_max (--k-max, now {run.option(m, 'k_max', 8)})")
+            out.append(Finding("rollback", m, f"rollback rate {s.rollback:.0%} (over {rollback_limit:.0%}) with "
+                                              f"acceptance {_f(s.acceptance, '{:.0%}')}",
+                               f"reduce {knob} or use a better-aligned drafter"))
+        if ours and s.speedup_specbench <= 1.0:
+            cost_note = (f"one drafted token costs c = {c:.2f} target forwards, and a target forward yields "
+                         f"{_f(s.mean_accepted)} tokens" if c is not None else "not measured: drop --no-cost-model")
+            out.append(Finding("no-speedup", m, f"no speedup over ar ({s.speedup_specbench:.2f}x Spec-Bench, "
+                                                f"{s.speedup_paired:.2f}x paired)",
+                               "check confidence calibration (calibration.png: is acceptance rising with C?) and "
+                               f"the cost of the drafter ({cost_note})"))
+        if ours and not s.lossless:
+            task = run.task_quality(m)
+            drops = [f"{k} {ar_task[k]:.1f} -> {v:.1f}" for k, v in task.items()
+                     if k in ar_task and ar_task[k] - v > metric_drop]
+            if s.agreement < agreement_floor or drops:
+                seen = f"token agreement with ar {s.agreement:.1%}" + (f"; {', '.join(drops)}" if drops else "")
+                out.append(Finding("quality-loss", m, seen,
+                                   f"lower tau_base (--tau-base, now {run.option(m, 'tau_base', 0.0)}) or raise "
+                                   f"gamma (--gamma, now {run.option(m, 'gamma', 1.0)})"))
+    return out
+
+
+def render_diagnosis(run: Run, findings: list[Finding]) -> str:
+    lines = [f"diagnosis of {run.dir} ({header(run.meta).strip('_')})"]
+    if not findings:
+        lines.append("no failure signature found.")
+    lines += [f"[{f.kind}] {f.method}: {f.seen}.\n    -> {f.action}." for f in findings]
+    return "\n".join(lines)
+
+
+# ---- sweep: speed against quality over a knob grid --------------------------------------------------
+
+def sweep_points(run: Run, labels: list[str]) -> list[dict]:
+    """Per grid point: its speedups, token agreement with ar, and mean task metric where there is one."""
+    points = []
+    for label in labels:
+        s = run.summary(label)
+        if s is None:
+            continue
+        task = run.task_quality(label)
+        points.append({"label": label, "speedup": s.speedup_specbench, "speedup_paired": s.speedup_paired,
+                       "agreement": 100 * s.agreement, "task": statistics.fmean(task.values()) if task else None,
+                       "mean_accepted": s.mean_accepted, "lossless": s.lossless})
+    return points
+
+
+def write_sweep(run_dir: str | Path, labels: list[str], grid: dict) -> Path:
+    """sweep.md and the Pareto plots (speedup vs agreement with ar, and vs task metric)."""
+    from adaspec.bench.plots import pareto_front, plot_pareto
+
+    run = Run(run_dir)
+    points = sweep_points(run, labels)
+    ar_task = run.task_quality("ar")
+    title = f"sweep of {', '.join(grid)}\n{run.meta.get('command', '')[:110]}\n{machine_line(run.meta)}"
+    plots = []
+    if plot_pareto(points, run.dir / "sweep_agreement.png", quality="agreement", title=title):
+        plots.append("sweep_agreement.png")
+    if plot_pareto(points, run.dir / "sweep_task.png", quality="task", title=title):
+        plots.append("sweep_task.png")
+    front = {p["label"] for p in pareto_front(points, "agreement")}
+    lines = ["# adaspec sweep", "", provenance(run.meta), "",
+             "grid: " + ", ".join(f"{k} in {{{', '.join(map(str, v))}}}" for k, v in grid.items()), "",
+             header(run.meta), "",
+             "| Point | speedup (Spec-Bench) | speedup (paired) | accepted / fwd | agreement with ar | task metric | "
+             "lossless | Pareto (agreement) |", "|---" * 8 + "|"]
+    for p in sorted(points, key=lambda p: -p["speedup"]):
+        lines.append(f"| {p['label']} | {p['speedup']:.2f}x | {p['speedup_paired']:.2f}x | {_f(p['mean_accepted'])} | "
+                     f"{p['agreement']:.1f}% | {_f(p['task'], '{:.1f}')} | {'yes' if p['lossless'] else 'no'} | "
+                     f"{'yes' if p['label'] in front else ''} |")
+    lines += ["", f"task metric: the mean of {', '.join(ar_task) or 'no task metric (none for these subtasks)'} "
+                  f"(ar: {_f(statistics.fmean(ar_task.values()) if ar_task else None, '{:.1f}')}). "
+                  "A point is on the frontier when no other point is both faster and closer to ar."]
+    lines += [f"\n![{p}]({p})" for p in plots]
+    path = run.dir / "sweep.md"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
