@@ -68,9 +68,13 @@ def load_model(source: str | ModelAdapter, *, dtype: torch.dtype = torch.float32
 
     adapter, tokenizer = load(source, dtype=dtype, device=device)
     if quant:
+        from adaspec.models.invariant import make_batch_invariant
         from adaspec.models.quant import quantize_adapter
 
         adapter = quantize_adapter(adapter, quant)
+        # int8 amplifies attention's batched-vs-single rounding into different greedy tokens:
+        # row-wise attention makes verification score exactly like one-token decoding.
+        make_batch_invariant(adapter.model)
     return adapter, tokenizer
 
 

@@ -76,22 +76,53 @@ def run_options(a: argparse.Namespace) -> dict:
     return {k: v for k, v in opts.items() if k not in defaults or defaults[k] != v}
 
 
-def _records(a: argparse.Namespace):
-    from adaspec.bench.datasets import load_spec_bench, load_suite
+def _records(a: argparse.Namespace, exclude: set[str] = frozenset()):
+    """The evaluation records: --limit per subtask, never a prompt the profile was calibrated on."""
+    from adaspec.bench.datasets import _first_per_subtask, load_spec_bench, load_suite
     from adaspec.config import AdaspecError
 
-    if a.subtasks:
-        if a.suite != "spec-bench":
-            raise AdaspecError("--subtasks applies to --suite spec-bench only")
-        return load_spec_bench(subtasks=[s.strip() for s in a.subtasks.split(",")], limit_per_subtask=a.limit)
-    return load_suite(a.suite, a.limit)
+    if a.subtasks and a.suite != "spec-bench":
+        raise AdaspecError("--subtasks applies to --suite spec-bench only")
+    if a.suite == "spec-bench":
+        subtasks = [s.strip() for s in a.subtasks.split(",")] if a.subtasks else None
+        records = load_spec_bench(subtasks=subtasks)
+    else:
+        records = load_suite(a.suite)
+    records = [r for r in records if r.id not in exclude]
+    if a.limit is None:
+        return records
+    if a.suite != "spec-bench":
+        return records[: a.limit]
+    return _first_per_subtask(records, a.limit)  # MT-bench: round-robin over its categories
+
+
+def _calibration_ids(profile) -> set[str]:
+    """Every prompt id named in a profile's data record (fit, held-out and transfer prompts)."""
+    found: set[str] = set()
+
+    def walk(x):
+        if isinstance(x, str) and "/" in x:
+            found.add(x)
+        elif isinstance(x, dict):
+            for v in x.values():
+                walk(v)
+        elif isinstance(x, (list, tuple)):
+            for v in x:
+                walk(v)
+
+    walk(getattr(profile, "data", {}) if profile is not None else {})
+    return found
 
 
 def _run(a: argparse.Namespace, methods: list[str]):
     from adaspec.bench.runner import run_bench
 
     engine = load_engine(a)
-    return run_bench(engine, _records(a), methods, max_new_tokens=a.max_new_tokens, out_dir=a.out, warmup=a.warmup,
+    exclude = _calibration_ids(getattr(engine, "profile", None))
+    records = _records(a, exclude)
+    if exclude and not a.quiet:
+        print(f"bench: {len(exclude)} calibration prompts of the profile are excluded from evaluation")
+    return run_bench(engine, records, methods, max_new_tokens=a.max_new_tokens, out_dir=a.out, warmup=a.warmup,
                      repeats=a.repeats, options=run_options(a), threads=a.threads, trace=a.trace,
                      cost_model=a.cost_model, progress=not a.quiet)
 
