@@ -21,7 +21,7 @@ from adaspec.decode import generate_ids
 from adaspec.drafters.model import ModelDrafter
 from adaspec.models.base import ModelAdapter
 from adaspec.models.hf import HFAdapter
-from adaspec.models import quant
+from adaspec.models import invariant
 from adaspec.models.quant import Int8Linear, is_quantized, quantize_adapter
 from adaspec.models.tiny import perturbed_copy, random_model, tiny_model
 
@@ -84,7 +84,7 @@ def test_extend_in_pieces_equals_one_forward(quants, kind):
 
 def test_transformers_model_is_bit_exact_however_tokens_are_split(quants, floats, monkeypatch):
     q, ids = quants["hf"], ids_for("hf", 40, seed=4)
-    assert q.model.config._attn_implementation == "adaspec_row_sdpa"
+    assert q.model.config._attn_implementation == invariant.NAME
     assert floats["hf"].model.config._attn_implementation == "sdpa"  # copy=True: the original keeps its own
     q.reset()
     q.extend(ids[:10])
@@ -93,8 +93,8 @@ def test_transformers_model_is_bit_exact_however_tokens_are_split(quants, floats
     one_by_one = torch.cat([q.extend(ids[i:i + 1]).clone() for i in range(10, 40)])
     q.reset()
     assert torch.equal(chunked, one_by_one)
-    # past ROW_ATTENTION_MAX new tokens (prefills) the fused kernel runs: same values up to rounding
-    monkeypatch.setattr(quant, "ROW_ATTENTION_MAX", 4)
+    # past MAX_ROWWISE new tokens (prefills) the fused kernel runs: same values up to rounding
+    monkeypatch.setattr(invariant, "MAX_ROWWISE", 4)
     q.extend(ids[:10])
     fused = q.extend(ids[10:40]).clone()
     q.reset()

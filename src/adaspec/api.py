@@ -60,21 +60,18 @@ def load_model(source: str | ModelAdapter, *, dtype: torch.dtype = torch.float32
     if source in ("tiny", "tiny-draft"):
         from adaspec.models.tiny import ByteTokenizer, perturbed_copy, tiny_model
 
-        model = tiny_model(seed=0, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+        adapter = tiny_model(seed=0, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
         if source == "tiny-draft":
-            model = perturbed_copy(model, noise=0.5, seed=1)
-        return model, ByteTokenizer()
-    from adaspec.models.registry import load
+            adapter = perturbed_copy(adapter, noise=0.5, seed=1)
+        tokenizer = ByteTokenizer()
+    else:
+        from adaspec.models.registry import load
 
-    adapter, tokenizer = load(source, dtype=dtype, device=device)
+        adapter, tokenizer = load(source, dtype=dtype, device=device)
     if quant:
-        from adaspec.models.invariant import make_batch_invariant
         from adaspec.models.quant import quantize_adapter
 
-        adapter = quantize_adapter(adapter, quant)
-        # int8 amplifies attention's batched-vs-single rounding into different greedy tokens:
-        # row-wise attention makes verification score exactly like one-token decoding.
-        make_batch_invariant(adapter.model)
+        adapter = quantize_adapter(adapter, quant)  # also makes attention row-wise (models/invariant.py)
     return adapter, tokenizer
 
 

@@ -51,6 +51,9 @@ def _common(p: argparse.ArgumentParser, suites, subtasks, limit: int | None = No
                    help="prompts per subtask for spec-bench (six subtasks), in all for the others "
                         f"(default {'all' if limit is None else limit})")
     p.add_argument("--subtasks", default=None, help=f"spec-bench only: comma-separated subset of {', '.join(subtasks)}")
+    p.add_argument("--ids", default=None,
+                   help="comma-separated record ids (e.g. spec-bench/81,spec-bench/91): run exactly these prompts, "
+                        "to compare with another run on the same prompts")
     p.add_argument("--out", required=True, help="output folder; an existing run there is resumed")
     p.add_argument("--repeats", type=int, default=1, help="timed runs per prompt and method (default 1)")
     p.add_argument("--no-warmup", dest="warmup", action="store_false", help="skip the discarded warm-up runs")
@@ -89,6 +92,13 @@ def _records(a: argparse.Namespace, exclude: set[str] = frozenset()):
     else:
         records = load_suite(a.suite)
     records = [r for r in records if r.id not in exclude]
+    if getattr(a, "ids", None):
+        wanted = [i.strip() for i in a.ids.split(",") if i.strip()]
+        by_id = {r.id: r for r in records}
+        missing = [i for i in wanted if i not in by_id]
+        if missing:
+            raise AdaspecError(f"unknown or excluded record id(s): {', '.join(missing)}")
+        return [by_id[i] for i in wanted]
     if a.limit is None:
         return records
     if a.suite != "spec-bench":

@@ -22,12 +22,8 @@ That is not yet enough: rounding to int8 is discontinuous, so the ~1e-7 differen
 attention kernels make between a one-token and a (k+1)-token forward flip some roundings and grow
 layer by layer, to logit differences of about 1 on Qwen2.5-Coder-0.5B/1.5B; greedy speculative output
 then left the int8 target's own greedy output on 2 of 3 prompts within 64 tokens. So a quantised
-transformers model also gets row-by-row attention (`_row_sdpa`): each query row of a forward of
-up to ROW_ATTENTION_MAX new tokens is attended exactly as a one-token forward would do it, which
-makes a row's logits bit-identical however the tokens are split into forwards, at no measurable
-cost for verification-sized forwards (a 200-token prefill, which takes the fused path, would pay
-about 20% more). Both greedy decoding and speculative decoding prefill the same prompt in the same
-way, so the longer fused forwards do not break the equality.
+transformers model also gets row-by-row attention for short forwards (models/invariant.py), which
+makes a row's logits bit-identical however the tokens are split into forwards.
 
 Each row x is mapped affinely onto [0, L]: x' = (x - lo) / (hi - lo), so x W^T = (hi - lo) x' W^T
 + lo * rowsum(W). L = 255 on CPUs with AVX512-VNNI; elsewhere fbgemm adds pairs of uint8 x int8
@@ -72,8 +68,6 @@ from adaspec.config import AdaspecError
 from adaspec.models.base import ModelAdapter
 
 MODES = ("int8",)
-ROW_ATTENTION_MAX = 64  # forwards with more new tokens than this (prefills) use the fused kernel
-_ROW_SDPA = "adaspec_row_sdpa"
 
 
 @functools.cache
@@ -180,40 +174,17 @@ def is_quantized(adapter: ModelAdapter) -> bool:
     return isinstance(model, nn.Module) and any(isinstance(m, Int8Linear) for m in model.modules())
 
 
-def _row_sdpa(module, query, key, value, attention_mask, **kwargs):
-    """transformers' SDPA attention one query row at a time, each called exactly as a one-token
-    forward calls it. query (B, H, q, D); key, value (B, Hkv, kv, D) ending with the q new positions."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    q_len, kv_len = query.shape[2], key.shape[2]
-    if q_len == 1 or q_len > ROW_ATTENTION_MAX:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    rows = []
-    for i in range(q_len):
-        end = kv_len - q_len + i + 1  # row i attends to keys [0, end)
-        mask = None if attention_mask is None else attention_mask[:, :, i:i + 1, :end]
-        # a one-token forward gets no mask at all; deliberate sync (CPU only, so cheap)
-        if mask is not None and mask.dtype == torch.bool and bool(mask.all()):
-            mask = None
-        out, _ = sdpa_attention_forward(module, query[:, :, i:i + 1], key[:, :, :end], value[:, :, :end], mask,
-                                        **kwargs)
-        rows.append(out)  # (B, 1, H, D)
-    return torch.cat(rows, dim=1), None  # (B, q, H, D)
-
-
 def _use_row_attention(model: nn.Module) -> bool:
-    """Switch a transformers model that uses SDPA attention to `_row_sdpa`; False if it cannot."""
+    """Give a transformers model with SDPA attention row-wise attention; False if it cannot."""
+    from adaspec.models import invariant
+
     config = getattr(model, "config", None)
-    if getattr(config, "_attn_implementation", None) not in ("sdpa", _ROW_SDPA):
+    if getattr(config, "_attn_implementation", None) not in ("sdpa", invariant.NAME):
         return False
     try:
-        from transformers import AttentionInterface
-        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+        invariant.make_batch_invariant(model)
     except ImportError:  # transformers too old for pluggable attention: fused kernel, not bit-exact
         return False
-    AttentionInterface.register(_ROW_SDPA, _row_sdpa)
-    AttentionMaskInterface.register(_ROW_SDPA, sdpa_mask)  # the very masks SDPA would get
-    model.set_attn_implementation(_ROW_SDPA)
     return True
 
 
