@@ -95,7 +95,8 @@ def test_presets_build_their_policy(method, cls):
 def test_lossless_flags():
     assert SpecConfig(method="cmasd").lossless  # tau_base defaults to 0: lossy acceptance is opt-in
     assert not SpecConfig(method="cmasd", tau_base=0.1).lossless
-    assert not SpecConfig(method="cmasd", beta=2).lossless
+    assert SpecConfig(method="cmasd", beta=2).lossless  # tau_base = 0: verified exactly, beta unused
+    assert not SpecConfig(method="cmasd", tau_base=0.05, beta=2).lossless
     assert SpecConfig(method="cmasd-k", tau_base=0.1).lossless
     assert not SpecConfig(method="fixed", verify="typical").lossless
 

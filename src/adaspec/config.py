@@ -100,7 +100,8 @@ class SpecConfig:
       tau_base: relaxed-acceptance gap bound at full confidence. 0.0 by default, which makes the
          CM-ASD rule identical to exact greedy matching: lossy acceptance is opt-in.
       gamma: sensitivity of tau_t = tau_base * C_t ** gamma to drops in confidence.
-      beta: a relaxed token must be in the target's top-beta.
+      beta: a relaxed token must be in the target's top-beta. 3: with beta = 1 only the target's
+         own top token could be accepted and tau would have no effect at all.
       typical_eps, typical_delta: Medusa's typical acceptance, q(x) > min(eps, delta * exp(-H(q))).
     Drafter pool (`ngram`, `multi-draft`)
       max_ngram: longest context n-gram the prompt-lookup drafter matches (3, as transformers'
@@ -123,7 +124,7 @@ class SpecConfig:
     heuristic_start: int = 5
     tau_base: float = 0.0
     gamma: float = 1.0
-    beta: int = 1
+    beta: int = 3
     typical_eps: float = 0.09
     typical_delta: float = 0.3
     lambdas: tuple[float, float, float] = (1 / 3, 1 / 3, 1 / 3)
@@ -178,7 +179,9 @@ class SpecConfig:
         if rule == "exact":
             return True
         if rule in ("confidence-tau", "entropy-tau"):
-            return self.tau_base == 0 and self.beta == 1
+            # tau_base = 0 switches the relaxed rule off: the loop then verifies exactly (decode.judge),
+            # whatever beta is, so ties with the target's top token cannot slip in either.
+            return self.tau_base == 0
         return False  # typical acceptance is lossy whatever its thresholds
 
     def with_(self, **changes) -> "SpecConfig":
