@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from adaspec.config import AdaspecError, GenerationConfig, SamplingConfig, SpecConfig
-from adaspec.decode import speculative_generate
+from adaspec.decode import check_vocab, speculative_generate
 from adaspec.drafters.base import Drafter
 from adaspec.drafters.model import ModelDrafter
 from adaspec.drafters.ngram import NGramDrafter
@@ -86,10 +86,8 @@ class Engine:
                 and not tokenizer.same_vocab(drafter_tokenizer):
             raise AdaspecError("drafter and target use different tokenizers: speculative decoding needs a "
                                "drafter from the same model family (same vocabulary)")
-        if drafter is not None and drafter.vocab_size != target.vocab_size:
-            raise AdaspecError(
-                f"drafter and target have different vocabularies ({drafter.vocab_size} vs {target.vocab_size} "
-                "logits): speculative decoding needs a drafter that shares the target's tokenizer")
+        if drafter is not None:
+            check_vocab(target, drafter)
         self.target, self.tokenizer, self.chat = target, tokenizer, chat
         self.drafter = ModelDrafter(drafter) if drafter is not None else None
         self.target_name = target_name or target.name

@@ -30,14 +30,20 @@ from adaspec.stopping import StopStrings
 from adaspec.verify import verify
 
 
+def check_vocab(target, drafter) -> None:
+    """Target and drafter must produce logits over the same vocabulary."""
+    if drafter.vocab_size != target.vocab_size:
+        raise AdaspecError(
+            f"drafter and target have different vocabularies ({drafter.vocab_size} vs {target.vocab_size} "
+            "logits): speculative decoding needs a drafter that shares the target's tokenizer")
+
+
 def check_inputs(target: ModelAdapter, drafter: Drafter | None, prompt_len: int, cfg: GenerationConfig) -> None:
     cfg.validate()
     if prompt_len == 0:
         raise AdaspecError("the prompt is empty: give at least one token of text")
-    if drafter is not None and drafter.vocab_size != target.vocab_size:
-        raise AdaspecError(
-            f"drafter and target have different vocabularies ({drafter.vocab_size} vs {target.vocab_size} "
-            "logits): speculative decoding needs a drafter that shares the target's tokenizer")
+    if drafter is not None:
+        check_vocab(target, drafter)
     limit = target.max_length
     if limit is not None and prompt_len + cfg.max_new_tokens > limit:
         if prompt_len >= limit:
