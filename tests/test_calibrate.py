@@ -22,6 +22,7 @@ from adaspec.policies.cost import CostAware, make_cost_aware, monotone
 from adaspec.policies.length import EntropyThreshold, make_length_policy
 from adaspec.profile import AcceptanceModel, Profile, calibrated_spec, model_identity
 from adaspec.records import Signals
+from test_policies import drafted_length  # one helper for every policy test
 
 CALIBRATED = ["cost-aware", "entropy-calibrated", "multi-draft-calibrated"]
 
@@ -29,14 +30,6 @@ CALIBRATED = ["cost-aware", "entropy-calibrated", "multi-draft-calibrated"]
 def sig(c=0.5, entropy=0.5):
     t = lambda v: torch.tensor(float(v))  # noqa: E731
     return Signals(entropy=t(entropy), c_ent=t(c), c_logit=t(c), c_soft=t(c), confidence=t(c), p_token=t(c))
-
-
-def drafted_length(policy, signals):
-    k = policy.propose_length()
-    for i in range(k):
-        if i == len(signals) - 1 or not policy.keep_drafting(i, signals[i]):
-            return i + 1
-    return k
 
 
 def make_profile(target, drafter, *, intercept=-1.0, weights=(2.0, 1.0, 1.0), threshold=0.2, skip=0.6,
