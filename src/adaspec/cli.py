@@ -26,6 +26,11 @@ def add_model_args(p: argparse.ArgumentParser, *, drafter: bool = True) -> None:
     if drafter:
         p.add_argument("--drafter", default=DEFAULT_DRAFTER,
                        help=f"drafter model, same forms as --target, or `none` (default: {DEFAULT_DRAFTER})")
+        p.add_argument("--drafter-runtime", choices=("auto", "hf"), default="auto",
+                       help="auto: an int8 Llama-family drafter runs on adaspec's own runtime, one kernel call per "
+                            "projection (cheaper drafts, same output); hf: transformers' forward (default: auto)")
+        p.add_argument("--early-exit", type=int, default=None, metavar="N",
+                       help="give multi-draft's pool the target's first N layers as one more drafter")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="weights dtype (default: float32)")
     p.add_argument("--quant", choices=("int8",), default=None,
                    help="quantise linear layers for the CPU (int8 dynamic, per-channel): faster, slightly lossy "
@@ -86,7 +91,8 @@ def load_engine(a: argparse.Namespace, *, need_drafter: bool = True):
         torch.set_num_threads(a.threads)
     drafter = None if getattr(a, "drafter", "none") in (None, "none") else a.drafter
     return load(a.target, drafter, dtype=_torch_dtype(a.dtype), device=a.device, quant=a.quant,
-                chat=not getattr(a, "raw", False), profile=getattr(a, "profile", None))
+                chat=not getattr(a, "raw", False), profile=getattr(a, "profile", None),
+                drafter_runtime=getattr(a, "drafter_runtime", "auto"), early_exit=getattr(a, "early_exit", None))
 
 
 def summary_line(label: str, r) -> str:

@@ -49,8 +49,8 @@ class SamplingConfig:
 
 # The method presets: which draft-length policy, which verification rule and which drafter each uses.
 # "exact" means greedy match at temperature 0 and rejection sampling above it (both lossless).
-# Drafters: "model" (the small model), "ngram" (prompt lookup, free), "pool" (n-gram first, then the
-# model, skipping drafting in high-entropy regimes; see drafters/pool.py).
+# Drafters: "model" (the small model), "ngram" (prompt lookup, free), "pool" (lookup, the model or no
+# draft, whichever has the highest expected goodput each step; see drafters/pool.py).
 class Preset(NamedTuple):
     length: str
     verify: str
@@ -106,8 +106,9 @@ class SpecConfig:
     Drafter pool (`ngram`, `multi-draft`)
       max_ngram: longest context n-gram the prompt-lookup drafter matches (3, as transformers'
          prompt lookup uses); shorter ones are tried when it fails, down to 1.
-      skip_entropy: the pool drafts nothing while the model drafter's recent first-token normalised
-         entropy is above this; 1.0 (never) until `adaspec calibrate` fits a value for a pair.
+      skip_entropy: the pool considers no model drafter while their recent first-token normalised
+         entropy is above this (lookup may still draft); 1.0 (never) until `adaspec calibrate` fits
+         a value for a pair.
     Signals
       lambdas: weights of (entropy, logit margin, softmax margin) in C; normalised to sum 1.
       signal: which score drives the policies: the ensemble C or one signal alone (debugging).

@@ -17,11 +17,12 @@ from adaspec.policies.length import LengthPolicy
 from adaspec.records import Draft, Signals
 
 
-def find_continuation(seq: torch.Tensor, max_k: int, max_ngram: int = 3, min_ngram: int = 1) -> torch.Tensor:
-    """Tokens (<= max_k,) that followed the most recent earlier match of seq's last n-gram.
+def find_match(seq: torch.Tensor, max_k: int, max_ngram: int = 3, min_ngram: int = 1) -> tuple[torch.Tensor, int]:
+    """(tokens (<= max_k,), n): what followed the most recent earlier match of seq's last n-gram, and n.
 
     Longer n-grams are tried first (a longer match predicts better); ties go to the latest match
-    (recent context predicts better). Returns an empty tensor if nothing matches.
+    (recent context predicts better). Returns an empty tensor and n = 0 if nothing matches. The
+    drafter pool keys its acceptance estimates by n, since one-token matches are mostly wrong.
     """
     L = seq.shape[0]
     for n in range(min(max_ngram, L - 1), min_ngram - 1, -1):
@@ -30,8 +31,14 @@ def find_continuation(seq: torch.Tensor, max_k: int, max_ngram: int = 3, min_ngr
         hits = (windows == tail).all(dim=1).nonzero().flatten()  # host sync: match positions
         if hits.numel():
             start = int(hits[-1]) + n
-            return seq[start : min(start + max_k, L)]
-    return seq.new_zeros(0)
+            return seq[start : min(start + max_k, L)], n
+    return seq.new_zeros(0), 0
+
+
+def find_continuation(seq: torch.Tensor, max_k: int, max_ngram: int = 3, min_ngram: int = 1) -> torch.Tensor:
+    """Tokens (<= max_k,) that followed the most recent earlier match of seq's last n-gram
+    (``find_match`` without the match length)."""
+    return find_match(seq, max_k, max_ngram, min_ngram)[0]
 
 
 class NGramDrafter:
@@ -46,13 +53,22 @@ class NGramDrafter:
     def begin(self, prompt: torch.Tensor) -> None:
         pass
 
-    def propose(self, seq: torch.Tensor, max_k: int, policy: LengthPolicy | None = None,
-                sampling: SamplingConfig | None = None, spec: SpecConfig | None = None,
-                generator: torch.Generator | None = None) -> Draft:
-        tokens = find_continuation(seq, max_k, self.max_ngram, self.min_ngram) if max_k > 0 else seq.new_zeros(0)
+    def lookup(self, seq: torch.Tensor, max_k: int) -> tuple[torch.Tensor, int]:
+        """(continuation (<= max_k,), matched n-gram length n; 0 = no match) for seq (L,)."""
+        if max_k <= 0:
+            return seq.new_zeros(0), 0
+        return find_match(seq, max_k, self.max_ngram, self.min_ngram)
+
+    def draft(self, tokens: torch.Tensor) -> Draft:
+        """Tokens (k,) as a Draft: one-hot p (probs None) and full-confidence signals."""
         one, zero = torch.tensor(1.0), torch.tensor(0.0)
         sig = Signals(entropy=zero, c_ent=one, c_logit=one, c_soft=one, confidence=one, p_token=one)
         return Draft(tokens=tokens, probs=None, signals=[sig] * len(tokens), drafter=self.name)
+
+    def propose(self, seq: torch.Tensor, max_k: int, policy: LengthPolicy | None = None,
+                sampling: SamplingConfig | None = None, spec: SpecConfig | None = None,
+                generator: torch.Generator | None = None) -> Draft:
+        return self.draft(self.lookup(seq, max_k)[0])
 
     def commit(self, valid_len: int) -> None:
         pass

@@ -1,73 +1,257 @@
-"""A pool of drafters with different costs, one chosen per step.
+"""A pool of drafters with different costs and accuracies; each step runs the one with the highest
+expected goodput (committed tokens per unit of time), or none.
 
-Selection rule (documented in docs/method.md):
-1. the free prompt-lookup drafter goes first: if the sequence's tail recurs earlier in the context
-   with at least ``min_match`` tokens of continuation, its draft is used;
-2. otherwise the model drafter is used, unless the recent steps show a high-entropy ("reasoning")
-   regime in which the model drafter's expected accepted length does not pay for its cost; then
-   the step drafts nothing and the target decodes one token (k = 0).
+The options of a step over a committed sequence of length L, with max_k the length policy's bound:
 
-The regime is read from the model drafter's normalised entropy at its first draft token, averaged
-over recent steps with an exponential moving average (``ema``). Whatever is chosen, verification is
-unchanged, so lossless methods stay lossless under any selection sequence.
+- *no draft*: the target decodes one token, goodput 1 / T(1);
+- *prompt lookup* (free), only when the sequence's last n-gram recurs earlier: it can draft up to
+  the continuation's length, and its acceptance rate is the estimate a_ngram[n] for that match
+  length n (a 3-token match predicts far better than a 1-token one);
+- each *model drafter* i (the small model, an early-exit drafter, ...) at D_i per drafted token,
+  with acceptance estimate a_i.
+
+With a per-token acceptance rate a (each draft token accepted with probability a given the earlier
+ones were), a draft of k tokens commits 1 + a + ... + a^k tokens in expectation (the accepted
+prefix plus one corrected or bonus token) and costs k * D + T(k + 1), so
+
+    goodput(k) = (1 + sum_{j=1..k} a^j) / (k * D + T(k + 1)),    D = 0 for prompt lookup
+
+T(n) is the target's cost for n new tokens, made non-decreasing (policies/cost.monotone). Each
+option is priced at its best k <= its limit, the step takes the option with the highest goodput
+(ties go to no draft, then lookup), and runs it with that k as its max_k: a model drafter's
+length policy may still stop earlier. Costs are ms with a calibration profile, else units of one
+target forward (policies/cost.py: FALLBACK_DRAFTER, FALLBACK_GROWTH).
+
+Acceptance estimates are learned per request from ``commit(valid_len)``: the pool remembers the
+committed length L and the draft length k of the step it proposed, so n = min(valid_len - L, k)
+tokens were accepted. Under the model above the likelihood of that outcome is a^n (1 - a) if
+n < k, a^k if n == k, so a Beta(w * a_0, w * (1 - a_0)) prior stays conjugate and the estimate is
+the posterior mean
+
+    a = (w * a_0 + accepted) / (w + accepted + rejected)
+
+counting accepted draft tokens and rejections (at most one per step). Prior means a_0: 0.6 for a
+model drafter (the calibrated pair's measured per-token rate when the Engine has a profile), and
+0.25 / 0.45 / 0.65 for 1 / 2 / >= 3-token n-gram matches (one-token matches were rolled back in
+76% of steps on real models). The prior weight w = 4 pseudo-tokens: one unlucky step cannot flip a
+choice, four steps of evidence outweigh it. Evidence is discounted by ``forget`` = 0.98 per step,
+so an estimate tracks the current regime and a drafter abandoned after rejections drifts back to
+its prior and is retried now and then (about every 15 steps with the fallback costs) instead of
+never.
+
+``skip_entropy`` (calibrated per pair; 1.0 = never) is kept as a veto on the model drafters: while
+an exponential moving average (``ema``) of their first draft token's normalised entropy is above
+it, no model drafter is considered. The goodput rule learns the same from rejections, but only
+after paying for them; the entropy reacts to a "reasoning" regime at once.
+
+Whatever is chosen, verification is unchanged, so lossless methods stay lossless under any
+selection sequence (tests/test_pool.py forces random choices through the ``select`` hook).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
 import torch
 
 from adaspec.config import SamplingConfig, SpecConfig
-from adaspec.drafters.model import ModelDrafter
+from adaspec.drafters.base import Drafter
 from adaspec.drafters.ngram import NGramDrafter
+from adaspec.policies.cost import FALLBACK_DRAFTER, FALLBACK_GROWTH, monotone
 from adaspec.policies.length import LengthPolicy
 from adaspec.records import Draft
 
+MODEL_PRIOR = 0.6  # prior mean acceptance of a model drafter without a profile
+NGRAM_PRIOR = (0.25, 0.45, 0.65)  # prior mean acceptance of 1-, 2- and >= 3-token n-gram matches
+PRIOR_WEIGHT = 4.0  # pseudo-tokens behind every prior
+FORGET = 0.98  # per-step discount of the evidence (memory of about 50 steps)
+
+
+def fallback_target_cost(n: int) -> float:
+    """T(n) in units of one target forward when no cost model was measured."""
+    return 1.0 + FALLBACK_GROWTH * (n - 1)
+
+
+@dataclass
+class Acceptance:
+    """Beta posterior over one per-token acceptance rate a, with discounted evidence."""
+
+    prior: float  # prior mean a_0
+    weight: float  # prior pseudo-tokens w
+    accepted: float = 0.0  # discounted accepted draft tokens observed
+    rejected: float = 0.0  # discounted rejections observed (at most one per step)
+
+    @property
+    def mean(self) -> float:
+        return (self.weight * self.prior + self.accepted) / (self.weight + self.accepted + self.rejected)
+
+    def observe(self, n_accepted: int, k: int) -> None:
+        self.accepted += n_accepted
+        self.rejected += float(n_accepted < k)
+
+    def decay(self, forget: float) -> None:
+        self.accepted *= forget
+        self.rejected *= forget
+
+
+@dataclass
+class Option:
+    """One way to run the next step, priced by expected goodput."""
+
+    name: str  # drafter name recorded in Draft.drafter, or "none"
+    key: str  # the acceptance estimate that prices it: a model drafter's name, "ngram:<n>", "" for none
+    limit: int  # longest draft it can make this step (0 for none)
+    k: int  # draft length maximising its expected goodput, 0 <= k <= limit
+    a: float  # estimated per-token acceptance
+    goodput: float  # expected committed tokens per unit of cost at k
+
+
+@dataclass
+class _Pending:
+    key: str  # the estimate the step's outcome updates
+    committed: int  # committed length L when the draft was proposed
+    k: int  # draft length actually proposed
+
 
 class DrafterPool:
+    """Free prompt lookup plus any number of model drafters; each step the best expected goodput.
+
+    models: (drafter, D) pairs, D its cost per drafted token in the units of target_ms. A bare
+        drafter is shorthand for [(drafter, FALLBACK_DRAFTER)] on the fallback costs.
+    ngram: the prompt-lookup drafter, or None.
+    target_ms: n -> T(n), a target forward over n new tokens; None = the uncalibrated fallback.
+    priors: drafter name -> prior mean acceptance a_0 (default MODEL_PRIOR).
+    skip_entropy, ema: the entropy veto on model drafters (None or 1.0 = never).
+    select: test hook, options -> the option to run (its k may be changed, within its limit);
+        None = the option with the highest goodput.
+    """
+
     name = "pool"
 
-    def __init__(self, model: ModelDrafter | None, ngram: NGramDrafter | None = None, *, min_match: int = 1,
-                 skip_entropy: float | None = None, ema: float = 0.5):
-        if model is None and ngram is None:
+    def __init__(self, models: Sequence[tuple[Drafter, float]] | Drafter | None, ngram: NGramDrafter | None = None,
+                 target_ms: Callable[[int], float] | None = None, *, priors: Mapping[str, float] | None = None,
+                 prior_weight: float = PRIOR_WEIGHT, forget: float = FORGET, skip_entropy: float | None = None,
+                 ema: float = 0.5, select: Callable[[list[Option]], Option] | None = None):
+        if models is None:
+            models = []
+        elif hasattr(models, "propose"):
+            models = [(models, FALLBACK_DRAFTER)]
+        self.models = [(d, float(cost)) for d, cost in models]
+        if not self.models and ngram is None:
             raise ValueError("a drafter pool needs at least one drafter")
-        self.model, self.ngram = model, ngram
-        self.vocab_size = (model or ngram).vocab_size
-        self.min_match, self.skip_entropy, self.ema = min_match, skip_entropy, ema
-        self.regime_entropy = 0.0  # EMA of the model drafter's first-token normalised entropy
-        self.last_choice = "none"
+        names = [d.name for d, _ in self.models]
+        if len(set(names)) < len(names) or {"none", "ngram"} & set(names):
+            raise ValueError(f"model drafters need distinct names other than 'none' and 'ngram', got {names}")
+        vocab = {d.vocab_size for d, _ in self.models} | ({ngram.vocab_size} if ngram is not None else set())
+        if len(vocab) > 1:
+            raise ValueError(f"the pool's drafters disagree on the vocabulary size: {sorted(vocab)}")
+        if not 0 < forget <= 1 or prior_weight <= 0:
+            raise ValueError(f"need 0 < forget <= 1 and prior_weight > 0, got {forget}, {prior_weight}")
+        self.ngram, self.vocab_size = ngram, vocab.pop()
+        self.target_ms = target_ms or fallback_target_cost
+        self.priors = dict(priors or {})
+        self.prior_weight, self.forget, self.select = prior_weight, forget, select
+        self.skip_entropy, self.ema = skip_entropy, ema
+        self._t: list[float] = [0.0]  # _t[n] = monotone T(n), extended on demand
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything learned: back to the priors (every request starts here)."""
+        self.rates: dict[str, Acceptance] = {}
+        self.regime_entropy = 0.0  # EMA of the model drafters' first-token normalised entropy
+        self.last_options: list[Option] = []  # what the last step weighed (for tests and debugging)
+        self._pending: _Pending | None = None
+
+    @property
+    def model(self) -> Drafter | None:
+        """The first model drafter (the Engine's own small model), or None."""
+        return self.models[0][0] if self.models else None
 
     @property
     def forwards(self) -> int:
-        return self.model.forwards if self.model is not None else 0
+        return sum(getattr(d, "forwards", 0) for d, _ in self.models)
 
     @property
     def signal_s(self) -> float:
-        return self.model.signal_s if self.model is not None else 0.0
+        return sum(getattr(d, "signal_s", 0.0) for d, _ in self.models)
+
+    def estimate(self, key: str) -> float:
+        """The current acceptance estimate: a model drafter's name or "ngram:<n>"."""
+        return self._rate(key).mean
+
+    def _rate(self, key: str) -> Acceptance:
+        if key not in self.rates:
+            if key.startswith("ngram:"):
+                prior = NGRAM_PRIOR[min(int(key[6:]), len(NGRAM_PRIOR)) - 1]
+            else:
+                prior = self.priors.get(key, MODEL_PRIOR)
+            self.rates[key] = Acceptance(prior, self.prior_weight)
+        return self.rates[key]
+
+    def _cost(self, n: int) -> float:
+        if n >= len(self._t):  # costs up to n + 8 at once, so a step rarely extends the table
+            self._t = [0.0] + monotone([float(self.target_ms(m)) for m in range(1, n + 9)])
+        return self._t[n]
+
+    def _price(self, name: str, key: str, limit: int, drafter_cost: float) -> Option:
+        """The option at its best draft length k in 1..limit."""
+        a = self.estimate(key)
+        best = Option(name, key, limit, 0, a, float("-inf"))
+        p, total = 1.0, 0.0
+        for k in range(1, limit + 1):
+            p *= a
+            total += p
+            g = (1.0 + total) / (k * drafter_cost + self._cost(k + 1))
+            if g > best.goodput:
+                best.k, best.goodput = k, g
+        return best
+
+    def options(self, seq: torch.Tensor, max_k: int) -> tuple[list[Option], torch.Tensor]:
+        """Every option of this step, priced, and the lookup's continuation (empty without a match)."""
+        opts = [Option("none", "", 0, 0, 0.0, 1.0 / self._cost(1))]
+        cont, n = self.ngram.lookup(seq, max_k) if self.ngram is not None else (seq.new_zeros(0), 0)
+        if n:
+            opts.append(self._price(self.ngram.name, f"ngram:{n}", len(cont), 0.0))
+        vetoed = self.skip_entropy is not None and self.regime_entropy > self.skip_entropy
+        if max_k > 0 and not vetoed:
+            opts += [self._price(d.name, d.name, max_k, cost) for d, cost in self.models]
+        return opts, cont
 
     def begin(self, prompt: torch.Tensor) -> None:
-        self.regime_entropy = 0.0
-        for d in (self.model, self.ngram):
-            if d is not None:
-                d.begin(prompt)
+        self.reset()
+        for d in self._drafters():
+            d.begin(prompt)
 
     def propose(self, seq: torch.Tensor, max_k: int, policy: LengthPolicy, sampling: SamplingConfig,
                 spec: SpecConfig, generator: torch.Generator | None) -> Draft:
-        if self.ngram is not None:
-            draft = self.ngram.propose(seq, max_k)
-            if len(draft) >= self.min_match:
-                return draft
-        if self.model is None or (self.skip_entropy is not None and self.regime_entropy > self.skip_entropy):
-            # Drafting is skipped this step, so the regime estimate would freeze; let it decay towards
-            # routine so that the model drafter is tried again after a while.
+        opts, cont = self.options(seq, max_k)
+        self.last_options = opts
+        choice = self.select(opts) if self.select is not None else max(opts, key=lambda o: o.goodput)
+        k = min(max(choice.k, 0), choice.limit)
+        if k and choice.name != "ngram":
+            drafter = next(d for d, _ in self.models if d.name == choice.name)
+            draft = drafter.propose(seq, k, policy, sampling, spec, generator)
+            if draft.signals:
+                h = float(draft.signals[0].entropy)  # host sync: one scalar per step
+                self.regime_entropy = self.ema * self.regime_entropy + (1 - self.ema) * h
+        else:
+            # No model drafter runs, so the regime estimate would freeze; let it decay towards routine
+            # so that a vetoed model drafter is considered again after a while.
             self.regime_entropy *= self.ema
-            return Draft(tokens=seq.new_zeros(0), probs=None, signals=[], drafter="none")
-        draft = self.model.propose(seq, max_k, policy, sampling, spec, generator)
-        if draft.signals:
-            h = float(draft.signals[0].entropy)
-            self.regime_entropy = self.ema * self.regime_entropy + (1 - self.ema) * h
+            draft = self.ngram.draft(cont[:k]) if k else Draft(tokens=seq.new_zeros(0), probs=None, signals=[],
+                                                               drafter="none")
+        self._pending = _Pending(choice.key, int(seq.shape[0]), len(draft)) if len(draft) else None
         return draft
 
     def commit(self, valid_len: int) -> None:
-        for d in (self.model, self.ngram):
-            if d is not None:
-                d.commit(valid_len)
+        for d in self._drafters():
+            d.commit(valid_len)
+        for rate in self.rates.values():
+            rate.decay(self.forget)
+        if self._pending is not None:
+            p, self._pending = self._pending, None
+            self._rate(p.key).observe(min(max(valid_len - p.committed, 0), p.k), p.k)
+
+    def _drafters(self) -> list:
+        return [d for d, _ in self.models] + ([self.ngram] if self.ngram is not None else [])
