@@ -18,7 +18,7 @@ from adaspec.costmodel import CostModel
 from adaspec.decode import generate_ids
 from adaspec.drafters.model import ModelDrafter
 from adaspec.models.tiny import perturbed_copy, random_model, tiny_model
-from adaspec.policies.cost import CostAware, make_cost_aware, monotone
+from adaspec.policies.cost import CostAware, best_draft_length, make_cost_aware, monotone
 from adaspec.policies.length import EntropyThreshold, make_length_policy
 from adaspec.profile import AcceptanceModel, Profile, calibrated_spec, model_identity
 from adaspec.records import Signals
@@ -164,6 +164,27 @@ def test_profile_knobs_reach_only_calibrated_methods(pair):
     assert isinstance(policy, EntropyThreshold) and policy.threshold == 0.123
     with pytest.warns(UserWarning, match="adaspec calibrate"):
         assert calibrated_spec(SpecConfig(method="cost-aware"), None) == SpecConfig(method="cost-aware")
+
+
+def test_profile_sets_k_max_from_its_cost_model(pair):
+    # flat verification and a cheap drafter: long drafts pay; an expensive drafter: short ones
+    cheap = make_profile(*pair, intercept=-1.0, weights=(2.0, 1.0, 1.0), drafter_ms=0.05)  # a(C=1) = 0.95
+    costly = make_profile(*pair, intercept=-1.0, weights=(2.0, 1.0, 1.0), drafter_ms=0.9)
+    assert cheap.cost_k_max() > costly.cost_k_max() >= 1
+    assert calibrated_spec(SpecConfig(method="cost-aware"), cheap).k_max == cheap.cost_k_max()
+    assert calibrated_spec(SpecConfig(method="cost-aware", k_max=3), cheap).k_max == 3  # explicit wins
+    assert calibrated_spec(SpecConfig(method="cmasd"), cheap).k_max == SpecConfig().k_max  # uncalibrated method
+    no_drafter_cost = make_profile(*pair, drafter_ms=None)
+    assert no_drafter_cost.cost_k_max() is None and "k_max" not in no_drafter_cost.knobs()
+
+
+def test_best_draft_length_follows_acceptance_and_cost():
+    flat = lambda n: 1.0  # noqa: E731
+    assert best_draft_length(0.99, 0.01, flat, limit=16) == 16
+    assert best_draft_length(0.3, 0.5, flat) == 1
+    assert best_draft_length(0.9, 0.1, lambda n: float(n)) == 1  # verification as dear as decoding
+    lengths = [best_draft_length(a, 0.2, flat) for a in (0.5, 0.7, 0.8, 0.9, 0.95)]
+    assert lengths == sorted(lengths) and lengths[-1] > lengths[0]
 
 
 # ---- the cost-aware policy -------------------------------------------------------------------------

@@ -63,8 +63,25 @@ class Profile:
 
     def knobs(self) -> dict:
         """The SpecConfig knobs this profile calibrates."""
-        return {"lambdas": tuple(self.lambdas), "entropy_threshold": self.entropy_threshold,
-                "skip_entropy": self.skip_entropy}
+        knobs = {"lambdas": tuple(self.lambdas), "entropy_threshold": self.entropy_threshold,
+                 "skip_entropy": self.skip_entropy}
+        k_max = self.cost_k_max()
+        if k_max is not None:
+            knobs["k_max"] = k_max
+        return knobs
+
+    def cost_k_max(self, limit: int = 16) -> int | None:
+        """The longest draft worth its cost on this machine: the draft length of highest expected
+        goodput when every token is as likely to be accepted as a fully confident one (C = 1, the
+        acceptance model's most optimistic case). No adaptive policy should draft further, since
+        no token is more likely to be accepted than that. None without a drafter cost."""
+        drafter_ms = self.cost.drafter_ms_per_token
+        if drafter_ms is None or not self.cost.target_ms:
+            return None
+        from adaspec.policies.cost import best_draft_length
+
+        accept = float(self.acceptance.prob(1.0, 1.0, 1.0))
+        return best_draft_length(accept, drafter_ms, self.cost.target_cost, limit)
 
     def to_json(self) -> str:
         d = asdict(self)

@@ -40,6 +40,17 @@ def goodput(p_all: list[float], drafter_ms: float, target_ms: Callable[[int], fl
     return (1.0 + sum(p_all)) / (k * drafter_ms + target_ms(k + 1))
 
 
+def best_draft_length(accept: float, drafter_ms: float, target_ms: Callable[[int], float], limit: int = 16) -> int:
+    """The draft length k in [1, limit] of highest expected goodput when every drafted token is
+    accepted with probability `accept` independently (P_j = accept^j); ties go to the shorter draft."""
+    best, best_rate = 1, -1.0
+    for k in range(1, limit + 1):
+        rate = goodput([accept ** j for j in range(1, k + 1)], drafter_ms, target_ms)
+        if rate > best_rate + 1e-12:
+            best, best_rate = k, rate
+    return best
+
+
 def monotone(costs: list[float]) -> list[float]:
     """Costs of forwards over 1, 2, ... tokens made non-decreasing (a running minimum from the right):
     a forward over n tokens can never cost more than one over m > n, so a measured dip past n (timing
