@@ -54,7 +54,7 @@ class Profile:
     acceptance: AcceptanceModel
     lambdas: tuple[float, float, float]  # acceptance weights normalised to sum 1
     entropy_threshold: float  # normalised entropy separating routine from "reasoning" (Youden's J)
-    skip_entropy: float  # pool: draft nothing above this first-token entropy (1.0 = never skip)
+    skip_entropy: float  # pool: no model drafter above this first-token entropy EMA (1.0 = never skip)
     cost: CostModel  # measured target ms per new-token count, drafter ms per token
     fit: dict = field(default_factory=dict)  # split name -> goodness-of-fit figures (calibrate.goodness)
     details: dict = field(default_factory=dict)  # Youden curve point, skip table, per-position rates, overhead
