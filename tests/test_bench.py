@@ -15,7 +15,8 @@ import torch
 from adaspec.api import Engine
 from adaspec.bench import methods as M
 from adaspec.bench.datasets import load_spec_bench
-from adaspec.bench.report import Run, diagnose, write_report
+from adaspec.bench.diagnose import diagnose
+from adaspec.bench.report import Run, write_report
 from adaspec.bench.runner import RECORDS_FILE, read_rows, run_bench
 from adaspec.cli import main
 from adaspec.config import AdaspecError

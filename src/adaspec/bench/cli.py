@@ -139,7 +139,8 @@ def _run(a: argparse.Namespace, methods: list[str]):
 
 def cmd_bench(a: argparse.Namespace) -> int:
     from adaspec.bench import methods as M
-    from adaspec.bench.report import Run, render_diagnosis, diagnose, write_report
+    from adaspec.bench.diagnose import diagnose, render_diagnosis
+    from adaspec.bench.report import Run, write_report
 
     labels = [m.strip() for m in a.methods.split(",") if m.strip()]
     for label in labels:
@@ -171,7 +172,8 @@ def cmd_sweep(a: argparse.Namespace) -> int:
 
 
 def cmd_diagnose(a: argparse.Namespace) -> int:
-    from adaspec.bench.report import Run, diagnose, render_diagnosis
+    from adaspec.bench.diagnose import diagnose, render_diagnosis
+    from adaspec.bench.report import Run
 
     run = Run(a.run_dir)
     findings = diagnose(run, rollback_limit=a.rollback_limit, agreement_floor=a.agreement_floor)

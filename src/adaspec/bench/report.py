@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from adaspec.bench.runner import read_run
-from adaspec.config import PRESETS
 
 REPORT_FILE = "report.md"
 ABLATION = ("fixed", "cmasd-k", "cmasd-tau", "cmasd")  # base methods of the CM-ASD ablation
@@ -333,75 +332,6 @@ method's token equals ar's. Task metrics are in percent (BLEU on its 0-100 scale
 _ABLATION_LEGEND = """fixed: fixed k, exact verification. cmasd-k: confidence-adaptive k, exact verification. cmasd-tau:
 fixed k, confidence-relaxed verification (lossy when tau_base > 0). cmasd: both (lossless when tau_base = 0,
 when it equals cmasd-k)."""
-
-
-# ---- diagnose: the paper's failure signatures ------------------------------------------------------
-
-@dataclass
-class Finding:
-    kind: str  # "bug" | "rollback" | "no-speedup" | "quality-loss"
-    method: str
-    seen: str  # what the run shows
-    action: str  # the knob to turn
-
-
-def diagnose(run: Run, *, rollback_limit: float = 0.4, agreement_floor: float = 0.95,
-             metric_drop: float = 1.0) -> list[Finding]:
-    """Name the failure signatures in a run, each with the knob to turn.
-
-    - lossless output differs from ar (greedy) -> a bug;
-    - rollback rate over `rollback_limit` -> reduce k_max or use a better-aligned drafter;
-    - no speedup over ar -> check confidence calibration and the drafter's cost;
-    - a lossy method agrees with ar on less than `agreement_floor` of tokens, or loses more than
-      `metric_drop` points of a task metric -> lower tau_base or raise gamma.
-    """
-    out = []
-    cost = run.meta.get("cost_model") or {}
-    c = None
-    if cost.get("drafter_ms_per_token") and cost.get("target_ms"):
-        c = cost["drafter_ms_per_token"] / cost["target_ms"]["1"]
-    ar_task = run.task_quality("ar")
-    for m in run.methods:
-        s = run.summary(m)
-        if m == "ar" or s is None:
-            continue
-        ours = not m.startswith("hf-") and run.base_method(m) != "oracle"
-        if s.lossless and s.greedy and s.identical < s.n:
-            out.append(Finding("bug", m, f"lossless, yet its output differs from ar on {s.n - s.identical} of "
-                                         f"{s.n} prompts", "report it with records.jsonl; rerun with --dtype float64 "
-                                                           "to rule out float32 near-ties"))
-        if ours and s.rollback is not None and s.rollback > rollback_limit:
-            fixed = PRESETS.get(run.base_method(m), (None,))[0] == "fixed"  # its length knob is k, not k_max
-            knob = (f"k (--k, now {run.option(m, 'k', 4)})" if fixed
-                    else f"k_max (--k-max, now {run.option(m, 'k_max', 8)})")
-            out.append(Finding("rollback", m, f"rollback rate {s.rollback:.0%} (over {rollback_limit:.0%}) with "
-                                              f"acceptance {_f(s.acceptance, '{:.0%}')}",
-                               f"reduce {knob} or use a better-aligned drafter"))
-        if ours and s.speedup_specbench <= 1.0:
-            cost_note = (f"one drafted token costs c = {c:.2f} target forwards, and a target forward yields "
-                         f"{_f(s.mean_accepted)} tokens" if c is not None else "not measured: drop --no-cost-model")
-            out.append(Finding("no-speedup", m, f"no speedup over ar ({s.speedup_specbench:.2f}x Spec-Bench, "
-                                                f"{s.speedup_paired:.2f}x paired)",
-                               "check confidence calibration (calibration.png: is acceptance rising with C?) and "
-                               f"the cost of the drafter ({cost_note})"))
-        if ours and not s.lossless:
-            task = run.task_quality(m)
-            drops = [f"{k} {ar_task[k]:.1f} -> {v:.1f}" for k, v in task.items()
-                     if k in ar_task and ar_task[k] - v > metric_drop]
-            if s.agreement < agreement_floor or drops:
-                seen = f"token agreement with ar {s.agreement:.1%}" + (f"; {', '.join(drops)}" if drops else "")
-                out.append(Finding("quality-loss", m, seen,
-                                   f"lower tau_base (--tau-base, now {run.option(m, 'tau_base', 0.0)}) or raise "
-                                   f"gamma (--gamma, now {run.option(m, 'gamma', 1.0)})"))
-    return out
-
-
-def render_diagnosis(run: Run, findings: list[Finding]) -> str:
-    lines = [f"diagnosis of {run.dir} ({header(run.meta).strip('_')})"]
-    if not findings:
-        lines.append("no failure signature found.")
-    lines += [f"[{f.kind}] {f.method}: {f.seen}.\n    -> {f.action}." for f in findings]
-    return "\n".join(lines)
 
 
 # ---- sweep: speed against quality over a knob grid --------------------------------------------------
