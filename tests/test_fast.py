@@ -53,6 +53,18 @@ def test_float32_matches_transformers_through_prefill_steps_and_rollback(kind):
                                rtol=1e-4, atol=1e-4)
 
 
+def test_absorb_skips_the_head_and_leaves_the_cache_extend_would():
+    model = _model("qwen2", 6)
+    ref, fast = HFAdapter(model, "ref"), FastDecoder(model, "fast")
+    ids = _ids(30, seed=4)
+    calls: list[int] = []
+    hook = model.get_output_embeddings().register_forward_hook(lambda m, i, o: calls.append(1))
+    fast.absorb(ids[:-1])
+    hook.remove()
+    assert calls == [] and fast.length == 29
+    torch.testing.assert_close(fast.extend(ids[-1:]), ref.extend(ids)[-1:], rtol=1e-4, atol=1e-4)
+
+
 def test_cache_grows_past_its_first_allocation():
     model = _model("llama", 1)
     ref, fast = HFAdapter(model, "ref"), FastDecoder(model, "fast")

@@ -29,6 +29,7 @@ from adaspec.models import (
     random_model,
     tiny_model,
 )
+from adaspec.models.base import absorb
 
 V_HF = 97
 ATOL = 1e-10  # float64: pieces and full forwards differ only by summation order
@@ -353,3 +354,19 @@ def test_load_hf_errors(tmp_path, monkeypatch):
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", offline)
     with pytest.raises(AdaspecError, match=r"could not load org/model: .*adaspec models pull org/model"):
         load_hf("org/model")
+
+
+def test_absorb_fills_the_cache_like_extend_and_runs_the_head_once(kind):
+    # a prefill wants no logits: absorb leaves the same cache as extend, with the head on one row at most
+    adapter, ids = make_adapter(kind), rand_ids(20, vocab_of(kind), seed=11)
+    want = fresh_logits(kind, ids)[-1]
+    head = adapter.model.get_output_embeddings() if kind != "tiny" else None
+    rows: list[int] = []
+    hook = head.register_forward_hook(lambda m, i, o: rows.append(i[0].shape[-2])) if head is not None else None
+    adapter.reset()
+    absorb(adapter, ids[:-1])
+    if hook is not None:
+        hook.remove()
+        assert rows == [1]  # the 19-token prefill ran the output head on its last position only
+    assert adapter.length == 19
+    torch.testing.assert_close(adapter.extend(ids[-1:])[-1], want, atol=ATOL, rtol=0)

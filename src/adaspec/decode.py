@@ -20,7 +20,7 @@ import torch
 
 from adaspec.config import AdaspecError, GenerationConfig
 from adaspec.drafters.base import Drafter
-from adaspec.models.base import ModelAdapter
+from adaspec.models.base import ModelAdapter, absorb
 from adaspec.policies.length import LengthPolicy, NoDraft, make_length_policy
 from adaspec.policies.threshold import taus_for
 from adaspec.profile import calibrated_spec
@@ -58,7 +58,7 @@ def prefill(target: ModelAdapter, drafter: Drafter | None, prompt: torch.Tensor)
     """Bring both caches to prompt[:-1]; the last prompt token is fed by the first step."""
     target.reset()
     if prompt.shape[0] > 1:
-        target.extend(prompt[:-1])
+        absorb(target, prompt[:-1])  # no logits: the first step scores the last prompt token
     if drafter is not None:
         drafter.begin(prompt)
 

@@ -7,7 +7,7 @@ import time
 import torch
 
 from adaspec.config import SamplingConfig, SpecConfig
-from adaspec.models.base import ModelAdapter
+from adaspec.models.base import ModelAdapter, absorb
 from adaspec.policies.length import LengthPolicy
 from adaspec.records import Draft, Signals
 from adaspec.sampling import greedy, sample, warp
@@ -33,7 +33,7 @@ class ModelDrafter:
     def begin(self, prompt: torch.Tensor) -> None:
         self.adapter.reset()
         if prompt.shape[0] > 1:
-            self.adapter.extend(prompt[:-1])
+            absorb(self.adapter, prompt[:-1])
             self.forwards += 1
 
     def propose(

@@ -146,6 +146,13 @@ class FastDecoder:
     # ---- forward -------------------------------------------------------------------------------
 
     def extend(self, ids: torch.Tensor) -> torch.Tensor:
+        return self._forward(ids, head=True)
+
+    def absorb(self, ids: torch.Tensor) -> None:
+        """extend without logits (a prefill): the final norm and the head are skipped."""
+        self._forward(ids, head=False)
+
+    def _forward(self, ids: torch.Tensor, head: bool) -> torch.Tensor | None:
         if ids.ndim != 1 or ids.shape[0] == 0:
             raise ValueError(f"extend takes a 1-D tensor of at least one token id, got shape {tuple(ids.shape)}")
         n, start = int(ids.shape[0]), self._length
@@ -161,9 +168,9 @@ class FastDecoder:
             for i, layer in enumerate(self._layers):
                 x = x + self._attention(i, layer, layer.norm1(x), cos, sin, start)
                 x = x + layer.mlp(layer.norm2(x))
-            logits = self._head(self._norm(x))
+            logits = self._head(self._norm(x))[0] if head else None  # (n, V)
         self._length = start + n
-        return logits[0]  # (n, V)
+        return logits
 
     def _attention(self, i: int, layer: "_Layer", h: torch.Tensor, cos, sin, start: int) -> torch.Tensor:
         n, d = h.shape[1], self.head_dim

@@ -50,6 +50,9 @@ class HFAdapter:
         self._cache_cls = DynamicCache
         # 5.x: crop(tokens_to_remove <= 0); 4.x: crop(max_length), where crop(0) empties the cache
         self._crop_counts = "tokens_to_remove" in inspect.signature(DynamicCache.crop).parameters
+        # only the last position's logits: `logits_to_keep` from transformers 4.50, `num_logits_to_keep` before
+        forward = inspect.signature(model.forward).parameters
+        self._keep_arg = next((k for k in ("logits_to_keep", "num_logits_to_keep") if k in forward), None)
         config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         out = model.get_output_embeddings()
         self.vocab_size = int(out.weight.shape[0]) if out is not None else int(config.vocab_size)
@@ -79,6 +82,13 @@ class HFAdapter:
         self._pieces: list[torch.Tensor] = []  # every id in the cache, for recomputation
 
     def extend(self, ids: torch.Tensor) -> torch.Tensor:
+        return self._forward(ids, keep_all=True)
+
+    def absorb(self, ids: torch.Tensor) -> None:
+        """extend without wanting logits (a prefill): the head runs on the last position only."""
+        self._forward(ids, keep_all=False)
+
+    def _forward(self, ids: torch.Tensor, keep_all: bool) -> torch.Tensor:
         if ids.ndim != 1 or ids.shape[0] == 0:
             raise ValueError(f"extend takes a 1-D tensor of at least one token id, got shape {tuple(ids.shape)}")
         n = int(ids.shape[0])
@@ -88,8 +98,9 @@ class HFAdapter:
                 f"({self._length} cached + {n} new); shorten the prompt or lower max_new_tokens"
             )
         ids = ids.to(self.device, torch.long)
+        extra = {} if keep_all or self._keep_arg is None else {self._keep_arg: 1}
         with torch.inference_mode():
-            out = self.model(input_ids=ids[None], past_key_values=self._cache, use_cache=True)  # logits (1, n, V)
+            out = self.model(input_ids=ids[None], past_key_values=self._cache, use_cache=True, **extra)  # (1, n, V)
         self._pieces.append(ids)
         self._length += n
         return out.logits[0]  # (n, V)
@@ -125,7 +136,7 @@ class HFAdapter:
 
     def _recompute(self, ids: torch.Tensor) -> None:
         self.reset()
-        self.extend(ids)
+        self.absorb(ids)
 
 
 class HFTokenizer:
