@@ -104,3 +104,33 @@ def test_ngram_needs_no_drafter_model(pair):
     engine = Engine(target, None, ByteTokenizer())
     r = engine.generate(PROMPT, method="ngram", max_new_tokens=20, ignore_eos=True)
     assert r.token_ids == engine.generate(PROMPT, method="ar", max_new_tokens=20, ignore_eos=True).token_ids
+
+
+@pytest.mark.parametrize("context", [1, 3, 12])
+def test_drafter_with_a_short_context_reads_only_the_prompts_tail_and_keeps_output(pair, context):
+    target, draft_model = pair
+    drafter = ModelDrafter(draft_model, context=context)
+    prompt = list(range(40, 70))  # 30 tokens: longer than every context here
+    drafter.begin(torch.tensor(prompt))
+    assert draft_model.length == context - 1  # only the tail, less the last token, is prefilled
+    ar = generate_ids(target, None, prompt, make_config("ar", max_new_tokens=24, ignore_eos=True))
+    for method in ("fixed", "cmasd"):
+        got = generate_ids(target, drafter, prompt, make_config(method, max_new_tokens=24, ignore_eos=True))
+        assert got.token_ids == ar.token_ids
+        assert got.stats.drafted > 0
+
+
+def test_draft_context_is_a_request_knob_and_must_be_positive(pair):
+    target, draft_model = pair
+    with pytest.raises(ValueError, match="at least 1"):
+        ModelDrafter(draft_model, context=0)
+    engine = Engine(target, draft_model)
+    prompt = list(range(40, 70))
+    ar = engine.generate(prompt, method="ar", max_new_tokens=16, ignore_eos=True)
+    for method in ("cmasd", "multi-draft"):
+        short = engine.generate(prompt, method=method, max_new_tokens=16, ignore_eos=True, draft_context=4)
+        assert short.token_ids == ar.token_ids
+    from adaspec.config import AdaspecError
+
+    with pytest.raises(AdaspecError, match="draft_context"):
+        engine.generate(prompt, method="cmasd", draft_context=-5)

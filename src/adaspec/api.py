@@ -190,23 +190,30 @@ class Engine:
         if self.drafter is None and not (kind == "pool" and self.extra_drafters):
             raise AdaspecError(f"method {spec.method!r} needs a drafter model: load one, or use method='ar' "
                                "or method='ngram'")
+        model = self._model_drafter(spec)
         if kind == "model":
-            return self.drafter
-        return self._pool(ngram, spec)
+            return model
+        return self._pool(ngram, model, spec)
 
-    def _pool(self, ngram: NGramDrafter, spec: SpecConfig) -> DrafterPool:
+    def _model_drafter(self, spec: SpecConfig) -> ModelDrafter | None:
+        """The drafter model, reading the whole prompt or (spec.draft_context) only its tail."""
+        if self.drafter is None or spec.draft_context is None:
+            return self.drafter
+        return ModelDrafter(self.drafter.adapter, self.drafter.name, context=spec.draft_context)
+
+    def _pool(self, ngram: NGramDrafter, model: ModelDrafter | None, spec: SpecConfig) -> DrafterPool:
         """The drafter pool on the profile's measured costs (ms), else on the fallbacks (units of one
         target forward). Extra drafters' relative costs are scaled by the one-token target forward."""
         cost = self.profile.cost if self.profile is not None else None
         target_ms = cost.target_cost if cost is not None else fallback_target_cost
         unit = target_ms(1)
         models, priors = [(d, c * unit) for d, c in self.extra_drafters], {}
-        if self.drafter is not None:
+        if model is not None:
             measured = cost.drafter_ms_per_token if cost is not None else None
-            models.insert(0, (self.drafter, measured if measured is not None else FALLBACK_DRAFTER * unit))
+            models.insert(0, (model, measured if measured is not None else FALLBACK_DRAFTER * unit))
             rate = self.profile.fit.get("fit", {}).get("base_rate") if self.profile is not None else None
             if rate is not None:  # the pair's measured per-token acceptance is the best prior
-                priors[self.drafter.name] = float(rate)
+                priors[model.name] = float(rate)
         return DrafterPool(models, ngram, target_ms, priors=priors, skip_entropy=spec.skip_entropy)
 
     def generate(self, prompt, *, method: str = "cmasd", chat: bool | None = None, **options) -> Result:

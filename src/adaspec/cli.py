@@ -69,6 +69,9 @@ def add_knob_args(p: argparse.ArgumentParser) -> None:
                    help="weights of the three signals in the confidence C (default equal)")
     k.add_argument("--signal", choices=SIGNALS, default=d.signal, help="score driving the policies (default ensemble)")
     k.add_argument("--verify", choices=VERIFY_RULES, default=None, help="override the preset's verification rule")
+    k.add_argument("--draft-context", type=int, default=None, metavar="N",
+                   help="the drafter model reads only a prompt's last N tokens: cheaper prefill of long prompts, "
+                        "same output (default: the whole prompt)")
     k.add_argument("--profile", default=None, metavar="PATH", help="calibration profile of this pair from "
                    "`adaspec calibrate`, read by the calibrated methods (docs/calibration.md)")
 
@@ -79,6 +82,7 @@ def knob_options(a: argparse.Namespace) -> dict:
         stop=tuple(a.stop), ignore_eos=a.ignore_eos, k=a.k, k_min=a.k_min, k_max=a.k_max, alpha=a.alpha,
         gamma=a.gamma, tau_base=a.tau_base, beta=a.beta, confidence_stop=a.confidence_stop,
         entropy_threshold=a.entropy_threshold, lambdas=tuple(a.lambdas), signal=a.signal, verify=a.verify,
+        draft_context=a.draft_context,
     )
 
 

@@ -109,6 +109,8 @@ class SpecConfig:
       skip_entropy: the pool considers no model drafter while their recent first-token normalised
          entropy is above this (lookup may still draft); 1.0 (never) until `adaspec calibrate` fits
          a value for a pair.
+      draft_context: the drafter model reads only a prompt's last this-many tokens (None: all). Its
+         prefill of a long prompt is a cost plain decoding never pays; proposals change, output not.
     Signals
       lambdas: weights of (entropy, logit margin, softmax margin) in C; normalised to sum 1.
       signal: which score drives the policies: the ensemble C or one signal alone (debugging).
@@ -134,6 +136,7 @@ class SpecConfig:
     verify: str | None = None  # override the preset's verification rule (one of VERIFY_RULES)
     max_ngram: int = 3
     skip_entropy: float = 1.0
+    draft_context: int | None = None
 
     def validate(self) -> "SpecConfig":
         _check(self.method in PRESETS,
@@ -142,6 +145,8 @@ class SpecConfig:
             v = getattr(self, name)
             _check(isinstance(v, int) and not isinstance(v, bool) and v >= 1,
                    f"{name} must be an integer >= 1, got {v!r}")
+        _check(self.draft_context is None or (isinstance(self.draft_context, int) and self.draft_context >= 1),
+               f"draft_context must be a positive number of tokens or None, got {self.draft_context!r}")
         _check(self.k_min <= self.k_max, f"k_min ({self.k_min}) must not exceed k_max ({self.k_max})")
         _check(self.k_max <= 64, f"k_max must be at most 64, got {self.k_max}")
         _check(self.k <= 64, f"k must be at most 64, got {self.k}")

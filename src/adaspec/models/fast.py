@@ -16,12 +16,13 @@ projections that read the same input are fused into one call (q, k, v; gate, up:
 `fuse_int8`), and with ``exact_rows=False`` every int8 layer becomes one fbgemm dynamic-quantisation
 call (`DynamicInt8Linear`). A drafter's numbers only steer proposals, never what is committed, so
 this is free of any quality cost. Measured on this project's 2-core CPU (0.5B int8 drafter,
-200-token context, median of 30 interleaved forwards, nothing else running): one new token 37.6 ms
-through transformers, 32.2 ms fused, 29.0 ms fused and dynamic; five new tokens (the catch-up after
-a fully accepted draft is two) 47.3, 46.8 and 41.1 ms.
+200-token context, median of 30 interleaved forwards, nothing else running; `python
+bench/drafter_runtime.py`): one new token 37.6 ms through transformers, 32.2 ms fused, 29.0 ms
+fused and dynamic; five new tokens 47.3, 46.8 and 41.1 ms.
 
 Why the target stays on transformers: at full depth with exact rows this runtime was not faster
-(1.5B int8: 76.0 vs 77.8 ms for one token, 99.5 vs 91.3 ms for five), so it brings nothing there.
+(1.5B int8, median of 12 while a test job shared the CPU: 76.0 vs 77.8 ms for one token, 99.5 vs
+91.3 ms for five), so it brings nothing there.
 
 `early_exit(n)` gives a drafter that runs only the first n layers, then the final norm and the LM
 head, sharing every weight with the full model (its own cache; no extra weight memory).
