@@ -148,4 +148,4 @@ def test_unsupported_models_and_depths_are_refused_clearly():
     with pytest.raises(AdaspecError, match="Llama-family"):
         early_exit_drafter(HFAdapter(gpt2, "gpt2"), 1)
     with pytest.raises(AdaspecError, match="early exit needs 1..3"):
-        FastDecoder(_model("llama", 5), "m").early_exit(4)
+        FastDecoder(_model("llama", 5), "m", n_layers=4)

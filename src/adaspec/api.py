@@ -19,9 +19,9 @@ from adaspec.decode import check_vocab, speculative_generate
 from adaspec.drafters.base import Drafter
 from adaspec.drafters.model import ModelDrafter
 from adaspec.drafters.ngram import NGramDrafter
-from adaspec.drafters.pool import DrafterPool, fallback_target_cost
+from adaspec.drafters.pool import DrafterPool
 from adaspec.models.base import ModelAdapter, Tokenizer
-from adaspec.policies.cost import FALLBACK_DRAFTER
+from adaspec.policies.cost import FALLBACK_DRAFTER, fallback_target_cost
 from adaspec.profile import Profile, calibrated_spec, load_profile, model_identity
 from adaspec.records import Result
 from adaspec.stopping import StopStrings
@@ -60,8 +60,9 @@ def load_model(source: str | ModelAdapter, *, dtype: torch.dtype = torch.float32
 
     role="drafter" with drafter_runtime="auto": an int8 Llama-family drafter runs on adaspec's own
     runtime with one kernel call per projection (models/fast.py), about 23% cheaper per drafted token
-    than through transformers on this project's CPU (29.0 vs 37.6 ms for the 0.5B); drafters only steer proposals, so this never
-    changes what is generated. drafter_runtime="hf" keeps transformers' forward.
+    than through transformers on this project's CPU (29.0 vs 37.6 ms for the 0.5B); drafters only
+    steer proposals, so this never changes what is generated. drafter_runtime="hf" keeps
+    transformers' forward.
     """
     if drafter_runtime not in DRAFTER_RUNTIMES:
         raise AdaspecError(f"unknown drafter runtime {drafter_runtime!r}; choose one of {', '.join(DRAFTER_RUNTIMES)}")
@@ -99,7 +100,7 @@ def early_exit_drafter(target: ModelAdapter, n_layers: int) -> tuple[ModelDrafte
     why = supports(model)
     if why is not None:
         raise AdaspecError(f"an early-exit drafter needs a Llama-family transformers target: {why}")
-    adapter = FastDecoder(model, target.name).early_exit(n_layers)
+    adapter = FastDecoder(model, f"{target.name}-exit{n_layers}", n_layers=n_layers, exact_rows=False)
     layers = model.model.layers
     per_layer = _linear_weights(layers[0])
     head = target.vocab_size * model.config.hidden_size

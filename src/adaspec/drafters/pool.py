@@ -58,7 +58,7 @@ import torch
 from adaspec.config import SamplingConfig, SpecConfig
 from adaspec.drafters.base import Drafter
 from adaspec.drafters.ngram import NGramDrafter
-from adaspec.policies.cost import FALLBACK_DRAFTER, FALLBACK_GROWTH, monotone
+from adaspec.policies.cost import FALLBACK_DRAFTER, best_draft, fallback_target_cost, monotone
 from adaspec.policies.length import LengthPolicy
 from adaspec.records import Draft
 
@@ -66,11 +66,6 @@ MODEL_PRIOR = 0.6  # prior mean acceptance of a model drafter without a profile
 NGRAM_PRIOR = (0.25, 0.45, 0.65)  # prior mean acceptance of 1-, 2- and >= 3-token n-gram matches
 PRIOR_WEIGHT = 4.0  # pseudo-tokens behind every prior
 FORGET = 0.98  # per-step discount of the evidence (memory of about 50 steps)
-
-
-def fallback_target_cost(n: int) -> float:
-    """T(n) in units of one target forward when no cost model was measured."""
-    return 1.0 + FALLBACK_GROWTH * (n - 1)
 
 
 @dataclass
@@ -197,15 +192,8 @@ class DrafterPool:
     def _price(self, name: str, key: str, limit: int, drafter_cost: float) -> Option:
         """The option at its best draft length k in 1..limit."""
         a = self.estimate(key)
-        best = Option(name, key, limit, 0, a, float("-inf"))
-        p, total = 1.0, 0.0
-        for k in range(1, limit + 1):
-            p *= a
-            total += p
-            g = (1.0 + total) / (k * drafter_cost + self._cost(k + 1))
-            if g > best.goodput:
-                best.k, best.goodput = k, g
-        return best
+        k, rate = best_draft(a, drafter_cost, self._cost, limit)
+        return Option(name, key, limit, k, a, rate)
 
     def options(self, seq: torch.Tensor, max_k: int) -> tuple[list[Option], torch.Tensor]:
         """Every option of this step, priced, and the lookup's continuation (empty without a match)."""

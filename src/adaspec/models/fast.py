@@ -24,7 +24,7 @@ Why the target stays on transformers: at full depth with exact rows this runtime
 (1.5B int8, median of 12 while a test job shared the CPU: 76.0 vs 77.8 ms for one token, 99.5 vs
 91.3 ms for five), so it brings nothing there.
 
-`early_exit(n)` gives a drafter that runs only the first n layers, then the final norm and the LM
+``n_layers=n`` gives a drafter that runs only the first n layers, then the final norm and the LM
 head, sharing every weight with the full model (its own cache; no extra weight memory).
 
 The transformers model stays intact (the `hf-*` benchmark baselines use it) and is reachable as
@@ -39,8 +39,7 @@ import torch.nn.functional as F
 from adaspec.config import AdaspecError
 from adaspec.models.base import check_rollback
 from adaspec.models.hf import _as_ids
-
-MAX_ROWWISE = 64  # forwards with more new tokens than this are prefills
+from adaspec.models.invariant import MAX_ROWWISE  # forwards with more new tokens than this are prefills
 SUPPORTED = ("llama", "qwen2", "mistral")
 
 
@@ -77,7 +76,7 @@ class FastDecoder:
     def __init__(self, model, name: str, *, n_layers: int | None = None, exact_rows: bool = True):
         why = supports(model)
         if why is not None:
-            raise AdaspecError(f"{name}: the fast runtime cannot run this model ({why}); use runtime='hf'")
+            raise AdaspecError(f"{name}: the fast runtime cannot run this model ({why}); use its transformers adapter (drafter_runtime='hf')")
         self.model = model.eval()
         self.name = name
         self.exact_rows = exact_rows
@@ -96,10 +95,6 @@ class FastDecoder:
         self.max_length = getattr(config, "max_position_embeddings", None)
         self.device = next(model.parameters()).device
         self.reset()
-
-    def early_exit(self, n_layers: int) -> "FastDecoder":
-        """A drafter running this model's first n_layers layers, final norm and head (shared weights)."""
-        return FastDecoder(self.model, f"{self.name}-exit{n_layers}", n_layers=n_layers, exact_rows=False)
 
     # ---- cache ---------------------------------------------------------------------------------
 
@@ -242,8 +237,3 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
-
-
-def fast_adapter(adapter) -> FastDecoder:
-    """Wrap a transformers adapter (models/hf.py) in the fast runtime, keeping its name."""
-    return FastDecoder(adapter.model, adapter.name)

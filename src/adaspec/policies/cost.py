@@ -40,15 +40,29 @@ def goodput(p_all: list[float], drafter_ms: float, target_ms: Callable[[int], fl
     return (1.0 + sum(p_all)) / (k * drafter_ms + target_ms(k + 1))
 
 
-def best_draft_length(accept: float, drafter_ms: float, target_ms: Callable[[int], float], limit: int = 16) -> int:
-    """The draft length k in [1, limit] of highest expected goodput when every drafted token is
-    accepted with probability `accept` independently (P_j = accept^j); ties go to the shorter draft."""
-    best, best_rate = 1, -1.0
+def fallback_target_cost(n: int) -> float:
+    """T(n) in units of one target forward when no cost model was measured."""
+    return 1.0 + FALLBACK_GROWTH * (n - 1)
+
+
+def best_draft(accept: float, drafter_ms: float, target_ms: Callable[[int], float], limit: int) -> tuple[int, float]:
+    """(k, goodput(k)) for the draft length k in [1, limit] of highest expected goodput when every
+    drafted token is accepted with probability `accept` independently (P_j = accept^j); ties go to
+    the shorter draft. (0, -inf) when limit < 1."""
+    best, best_rate = 0, float("-inf")
+    p, total = 1.0, 0.0
     for k in range(1, limit + 1):
-        rate = goodput([accept ** j for j in range(1, k + 1)], drafter_ms, target_ms)
+        p *= accept
+        total += p
+        rate = (1.0 + total) / (k * drafter_ms + target_ms(k + 1))
         if rate > best_rate + 1e-12:
             best, best_rate = k, rate
-    return best
+    return best, best_rate
+
+
+def best_draft_length(accept: float, drafter_ms: float, target_ms: Callable[[int], float], limit: int = 16) -> int:
+    """The k of `best_draft` (at least 1)."""
+    return max(best_draft(accept, drafter_ms, target_ms, limit)[0], 1)
 
 
 def monotone(costs: list[float]) -> list[float]:
@@ -106,7 +120,7 @@ class CostAware(LengthPolicy):
 def make_cost_aware(spec: SpecConfig, profile=None) -> CostAware:
     """The policy from a calibration profile, or on the documented fallbacks without one."""
     if profile is None:
-        return CostAware(lambda s: s.confidence, FALLBACK_DRAFTER, lambda n: 1.0 + FALLBACK_GROWTH * (n - 1),
+        return CostAware(lambda s: s.confidence, FALLBACK_DRAFTER, fallback_target_cost,
                          spec.k_min, spec.k_max)
     model, cost = profile.acceptance, profile.cost
     drafter_ms = cost.drafter_ms_per_token if cost.drafter_ms_per_token is not None else 0.0
