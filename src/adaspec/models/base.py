@@ -12,6 +12,8 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from adaspec.config import AdaspecError
+
 
 @runtime_checkable
 class ModelAdapter(Protocol):
@@ -67,6 +69,18 @@ def absorb(adapter: ModelAdapter, ids: torch.Tensor) -> None:
         own(ids)
     else:
         adapter.extend(ids)
+
+
+def check_extend(adapter: ModelAdapter, ids: torch.Tensor) -> int:
+    """The number n of new tokens in ids (n,), after checking the shape and the context window."""
+    if ids.ndim != 1 or ids.shape[0] == 0:
+        raise ValueError(f"extend takes a 1-D tensor of at least one token id, got shape {tuple(ids.shape)}")
+    n, cached = int(ids.shape[0]), adapter.length
+    if adapter.max_length is not None and cached + n > adapter.max_length:
+        raise AdaspecError(
+            f"{adapter.name}: prompt + new tokens exceed the context of {adapter.max_length} tokens "
+            f"({cached} cached + {n} new); shorten the prompt or lower max_new_tokens")
+    return n
 
 
 def check_rollback(adapter: ModelAdapter, length: int) -> None:

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from adaspec.config import AdaspecError
-from adaspec.models.base import check_rollback
+from adaspec.models.base import check_extend, check_rollback
 from adaspec.models.hf import _as_ids
 from adaspec.models.invariant import MAX_ROWWISE  # forwards with more new tokens than this are prefills
 SUPPORTED = ("llama", "qwen2", "mistral")
@@ -76,7 +76,8 @@ class FastDecoder:
     def __init__(self, model, name: str, *, n_layers: int | None = None, exact_rows: bool = True):
         why = supports(model)
         if why is not None:
-            raise AdaspecError(f"{name}: the fast runtime cannot run this model ({why}); use its transformers adapter (drafter_runtime='hf')")
+            raise AdaspecError(f"{name}: the fast runtime cannot run this model ({why}); "
+                               "use its transformers adapter (drafter_runtime='hf')")
         self.model = model.eval()
         self.name = name
         self.exact_rows = exact_rows
@@ -149,13 +150,7 @@ class FastDecoder:
         self._forward(ids, head=False)
 
     def _forward(self, ids: torch.Tensor, head: bool) -> torch.Tensor | None:
-        if ids.ndim != 1 or ids.shape[0] == 0:
-            raise ValueError(f"extend takes a 1-D tensor of at least one token id, got shape {tuple(ids.shape)}")
-        n, start = int(ids.shape[0]), self._length
-        if self.max_length is not None and start + n > self.max_length:
-            raise AdaspecError(
-                f"{self.name}: prompt + new tokens exceed the context of {self.max_length} tokens "
-                f"({start} cached + {n} new); shorten the prompt or lower max_new_tokens")
+        n, start = check_extend(self, ids), self._length
         with torch.inference_mode():
             x = self._embed(ids.to(self.device, torch.long)[None])  # (1, n, hidden)
             positions = torch.arange(start, start + n, device=self.device)[None]

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from adaspec.config import AdaspecError
-from adaspec.models.base import check_rollback
+from adaspec.models.base import check_extend, check_rollback
 
 
 def _as_ids(value) -> tuple[int, ...]:
@@ -89,14 +89,7 @@ class HFAdapter:
         self._forward(ids, keep_all=False)
 
     def _forward(self, ids: torch.Tensor, keep_all: bool) -> torch.Tensor:
-        if ids.ndim != 1 or ids.shape[0] == 0:
-            raise ValueError(f"extend takes a 1-D tensor of at least one token id, got shape {tuple(ids.shape)}")
-        n = int(ids.shape[0])
-        if self.max_length is not None and self._length + n > self.max_length:
-            raise AdaspecError(
-                f"{self.name}: prompt + new tokens exceed the context of {self.max_length} tokens "
-                f"({self._length} cached + {n} new); shorten the prompt or lower max_new_tokens"
-            )
+        n = check_extend(self, ids)
         ids = ids.to(self.device, torch.long)
         extra = {} if keep_all or self._keep_arg is None else {self._keep_arg: 1}
         with torch.inference_mode():

@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from adaspec.config import AdaspecError
-from adaspec.models.base import check_rollback
+from adaspec.models.base import check_extend, check_rollback
 
 BOS, EOS, PAD = 256, 257, 258  # the three specials after the 256 byte ids
 
@@ -144,14 +144,7 @@ class TinyAdapter:
         self._pos = 0  # stale cache entries are overwritten before they are ever attended to
 
     def extend(self, ids: torch.Tensor) -> torch.Tensor:
-        if ids.ndim != 1 or ids.shape[0] == 0:
-            raise ValueError(f"extend takes a 1-D tensor of at least one token id, got shape {tuple(ids.shape)}")
-        n = int(ids.shape[0])
-        if self._pos + n > self.max_length:
-            raise AdaspecError(
-                f"{self.name}: prompt + new tokens exceed the context of {self.max_length} tokens "
-                f"({self._pos} cached + {n} new); shorten the prompt or lower max_new_tokens"
-            )
+        n = check_extend(self, ids)
         with torch.inference_mode():
             logits = self.model(ids.to(self.device, torch.long), self._pos)  # (n, V)
         self._pos += n
