@@ -7,6 +7,7 @@ from adaspec.drafters.model import ModelDrafter
 from adaspec.drafters.ngram import NGramDrafter, find_continuation
 from adaspec.drafters.pool import DrafterPool
 from adaspec.models.tiny import ByteTokenizer, perturbed_copy, tiny_model
+from adaspec.policies.cost import FALLBACK_DRAFTER
 
 
 def t(xs):
@@ -71,11 +72,11 @@ def test_pool_identical_under_any_selection_sequence(pair):
             if c == 0:
                 return self.ngram.propose(seq, max_k)
             if c == 1:
-                return self.model.propose(seq, max_k, policy, sampling, spec, generator)
+                return self.models[0][0].propose(seq, max_k, policy, sampling, spec, generator)
             return super().propose(seq, 0, policy, sampling, spec, generator)
 
     for seed in range(5):
-        pool = RandomPool(ModelDrafter(draft_model), NGramDrafter(target.vocab_size), seed=seed)
+        pool = RandomPool([(ModelDrafter(draft_model), FALLBACK_DRAFTER)], NGramDrafter(target.vocab_size), seed=seed)
         r = generate_ids(target, pool, PROMPT, cfg)
         assert r.token_ids == base, seed
         assert len(set(pool.choices)) == 3
@@ -84,7 +85,7 @@ def test_pool_identical_under_any_selection_sequence(pair):
 def test_pool_skips_drafting_in_high_entropy_regime(pair):
     target, draft_model = pair
     cfg = make_config("multi-draft", max_new_tokens=30, ignore_eos=True, skip_entropy=0.0)
-    pool = DrafterPool(ModelDrafter(draft_model), None, skip_entropy=0.0)
+    pool = DrafterPool([(ModelDrafter(draft_model), FALLBACK_DRAFTER)], None, skip_entropy=0.0)
     r = generate_ids(target, pool, [1, 2, 3], cfg)
     # after the first model draft the regime estimate exceeds 0, so most steps draft nothing
     assert r.stats.drafters_used.get("model", 0) < r.stats.steps / 2

@@ -58,7 +58,7 @@ import torch
 from adaspec.config import SamplingConfig, SpecConfig
 from adaspec.drafters.base import Drafter
 from adaspec.drafters.ngram import NGramDrafter
-from adaspec.policies.cost import FALLBACK_DRAFTER, best_draft, fallback_target_cost, monotone
+from adaspec.policies.cost import best_draft, fallback_target_cost, monotone
 from adaspec.policies.length import LengthPolicy
 from adaspec.records import Draft
 
@@ -112,8 +112,7 @@ class _Pending:
 class DrafterPool:
     """Free prompt lookup plus any number of model drafters; each step the best expected goodput.
 
-    models: (drafter, D) pairs, D its cost per drafted token in the units of target_ms. A bare
-        drafter is shorthand for [(drafter, FALLBACK_DRAFTER)] on the fallback costs.
+    models: (drafter, D) pairs, D its cost per drafted token in the units of target_ms.
     ngram: the prompt-lookup drafter, or None.
     target_ms: n -> T(n), a target forward over n new tokens; None = the uncalibrated fallback.
     priors: drafter name -> prior mean acceptance a_0 (default MODEL_PRIOR).
@@ -124,14 +123,10 @@ class DrafterPool:
 
     name = "pool"
 
-    def __init__(self, models: Sequence[tuple[Drafter, float]] | Drafter | None, ngram: NGramDrafter | None = None,
+    def __init__(self, models: Sequence[tuple[Drafter, float]], ngram: NGramDrafter | None = None,
                  target_ms: Callable[[int], float] | None = None, *, priors: Mapping[str, float] | None = None,
                  prior_weight: float = PRIOR_WEIGHT, forget: float = FORGET, skip_entropy: float | None = None,
                  ema: float = 0.5, select: Callable[[list[Option]], Option] | None = None):
-        if models is None:
-            models = []
-        elif hasattr(models, "propose"):
-            models = [(models, FALLBACK_DRAFTER)]
         self.models = [(d, float(cost)) for d, cost in models]
         if not self.models and ngram is None:
             raise ValueError("a drafter pool needs at least one drafter")
@@ -157,11 +152,6 @@ class DrafterPool:
         self.regime_entropy = 0.0  # EMA of the model drafters' first-token normalised entropy
         self.last_options: list[Option] = []  # what the last step weighed (for tests and debugging)
         self._pending: _Pending | None = None
-
-    @property
-    def model(self) -> Drafter | None:
-        """The first model drafter (the Engine's own small model), or None."""
-        return self.models[0][0] if self.models else None
 
     @property
     def forwards(self) -> int:
