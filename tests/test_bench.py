@@ -103,7 +103,7 @@ def test_resume_skips_finished_and_reruns_a_deleted_line(tmp_path):
 
     def counting(ctx):
         calls.append(ctx.prompt_ids[-1])
-        return M.resolve("ar")[0].fn(ctx)
+        return M.parse_label("ar")[0].fn(ctx)
 
     M.register_method("counting-ar", counting, needs_drafter=False)
     try:
@@ -125,7 +125,7 @@ def test_resume_skips_finished_and_reruns_a_deleted_line(tmp_path):
         with pytest.raises(AdaspecError, match="different max_new_tokens"):
             run_bench(tiny_engine(), short_records(2), ["counting-ar"], **{**args, "max_new_tokens": 9})
     finally:
-        del M.METHODS["counting-ar"]
+        del M.BENCH_METHODS["counting-ar"]
 
 
 def _hf_pair():
@@ -157,7 +157,7 @@ def test_hf_baselines_match_adaspec_ar():
     ids = [5, 6, 7, 8, 9, 10]
 
     def gen(engine, name, **options):
-        method, overrides = M.resolve(name)
+        method, overrides = M.parse_label(name)
         return method.fn(M.MethodContext(engine, ids, {"max_new_tokens": 24, **options, **overrides}))
 
     free = gen(make(eos=2), "ar").token_ids
@@ -182,17 +182,17 @@ def test_hf_methods_are_skipped_for_toy_models(tmp_path):
 
 
 def test_method_names_and_overrides():
-    assert M.resolve("fixed-k8") == (M.resolve("fixed")[0], {"k": 8})
-    method, over = M.resolve("cmasd:tau_base=0.1:gamma=2")
+    assert M.parse_label("fixed-k8") == (M.parse_label("fixed")[0], {"k": 8})
+    method, over = M.parse_label("cmasd:tau_base=0.1:gamma=2")
     assert method.name == "cmasd" and over == {"tau_base": 0.1, "gamma": 2}
-    tau = M.resolve("cmasd-tau")[0]
+    tau = M.parse_label("cmasd-tau")[0]
     assert M.method_options(tau, {}, {})["tau_base"] == 0.1  # lossy by default ...
     assert M.method_options(tau, {"tau_base": 0.05}, {})["tau_base"] == 0.05  # ... unless overridden
     assert M.grid_labels("cmasd", M.parse_grid(["alpha=0.5,1", "k_max=4"])) == [
         "cmasd:alpha=0.5:k_max=4", "cmasd:alpha=1:k_max=4"]
     for bad in ("nope", "cmasd:bogus=1", "cmasd:tau_base"):
         with pytest.raises(AdaspecError):
-            M.resolve(bad)
+            M.parse_label(bad)
 
 
 def _synthetic_run(path, rollbacks: int, fixed_ids=None):
@@ -205,11 +205,11 @@ def _synthetic_run(path, rollbacks: int, fixed_ids=None):
         base = {"record_id": f"p{i}", "suite": "spec-bench", "subtask": "qa", "category": "qa", "repeat": 0,
                 "error": None, "greedy": True, "lossless": True, "token_ids": [1, 2, 3, 4], "new_tokens": 4}
         stats = {"new_tokens": 4, "target_forwards": 4, "steps": 4, "drafted": 0, "accepted": 0, "rollbacks": 0,
-                 "draft_s": 0.0, "verify_s": 0.9, "policy_s": 0.05, "total_s": 1.0}
+                 "draft_s": 0.0, "target_s": 0.9, "policy_s": 0.05, "total_s": 1.0}
         rows.append({**base, "method": "ar", "base_method": "ar", "wall_s": 1.0, "tokens_per_s": 4.0, "stats": stats})
         rows.append({**base, "method": "cmasd", "base_method": "cmasd", "wall_s": 0.5, "tokens_per_s": 8.0,
                      "stats": {**stats, "steps": 10, "target_forwards": 10, "drafted": 40, "accepted": 10,
-                               "rollbacks": rollbacks, "draft_s": 0.2, "verify_s": 0.2, "policy_s": 0.05,
+                               "rollbacks": rollbacks, "draft_s": 0.2, "target_s": 0.2, "policy_s": 0.05,
                                "total_s": 0.5}})
         if fixed_ids is not None:
             rows.append({**base, "method": "fixed", "base_method": "fixed", "wall_s": 1.0, "tokens_per_s": 4.0,

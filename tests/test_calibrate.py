@@ -10,17 +10,19 @@ import pytest
 import torch
 
 from adaspec.api import Engine, load, make_config
-from adaspec.calibrate import (assign_roles, auc, fit_acceptance, fit_logistic, fit_skip_entropy, goodness,
-                               lambdas_from, youden_threshold)
+from adaspec.calibration.cost import CostModel
+from adaspec.calibration.fit import (assign_roles, auc, fit_acceptance, fit_logistic, fit_skip_entropy, goodness,
+                                     lambdas_from, youden_threshold)
+from adaspec.calibration.identity import identity_mismatch, model_identity
+from adaspec.calibration.profile import AcceptanceModel, Profile
 from adaspec.cli import main
 from adaspec.config import AdaspecError, SpecConfig
-from adaspec.costmodel import CostModel
 from adaspec.decode import generate_ids
 from adaspec.drafters.model import ModelDrafter
 from adaspec.models.tiny import perturbed_copy, random_model, tiny_model
 from adaspec.policies.cost import CostAware, best_draft_length, make_cost_aware, monotone
 from adaspec.policies.length import EntropyThreshold, make_length_policy
-from adaspec.profile import AcceptanceModel, Profile, calibrated_spec, model_identity
+from adaspec.plan import resolve_knobs
 from adaspec.records import Signals
 from test_policies import drafted_length  # one helper for every policy test
 
@@ -147,7 +149,6 @@ def test_profile_for_another_pair_is_refused(pair):
         Engine(target, None, profile=profile)
     # without fingerprints (adapters without a torch model), pinned checksums and then names decide
     a = {"name": "x", "vocab_size": 5, "sha256": "1", "fingerprint": None}
-    from adaspec.profile import identity_mismatch
     assert identity_mismatch(a, {**a, "name": "y"}) is None
     assert identity_mismatch(a, {**a, "sha256": "2"}) == "different sha256"
     assert identity_mismatch({**a, "sha256": None}, {**a, "name": "y", "sha256": None}) == "different name"
@@ -155,15 +156,15 @@ def test_profile_for_another_pair_is_refused(pair):
 
 def test_profile_knobs_reach_only_calibrated_methods(pair):
     profile = make_profile(*pair, threshold=0.123, skip=0.456)
-    spec = calibrated_spec(SpecConfig(method="entropy-calibrated"), profile)
+    spec = resolve_knobs(SpecConfig(method="entropy-calibrated"), profile)
     assert spec.entropy_threshold == 0.123 and spec.skip_entropy == 0.456 and spec.lambdas == profile.lambdas
-    assert calibrated_spec(SpecConfig(method="entropy"), profile).entropy_threshold == 0.3
+    assert resolve_knobs(SpecConfig(method="entropy"), profile).entropy_threshold == 0.3
     explicit = SpecConfig(method="entropy-calibrated", entropy_threshold=0.5)
-    assert calibrated_spec(explicit, profile).entropy_threshold == 0.5  # an explicit value wins
+    assert resolve_knobs(explicit, profile).entropy_threshold == 0.5  # an explicit value wins
     policy = make_length_policy(spec, profile)
     assert isinstance(policy, EntropyThreshold) and policy.threshold == 0.123
     with pytest.warns(UserWarning, match="adaspec calibrate"):
-        assert calibrated_spec(SpecConfig(method="cost-aware"), None) == SpecConfig(method="cost-aware")
+        assert resolve_knobs(SpecConfig(method="cost-aware"), None) == SpecConfig(method="cost-aware").resolved()
 
 
 def test_profile_sets_k_max_from_its_cost_model(pair):
@@ -171,9 +172,9 @@ def test_profile_sets_k_max_from_its_cost_model(pair):
     cheap = make_profile(*pair, intercept=-1.0, weights=(2.0, 1.0, 1.0), drafter_ms=0.05)  # a(C=1) = 0.95
     costly = make_profile(*pair, intercept=-1.0, weights=(2.0, 1.0, 1.0), drafter_ms=0.9)
     assert cheap.cost_k_max() > costly.cost_k_max() >= 1
-    assert calibrated_spec(SpecConfig(method="cost-aware"), cheap).k_max == cheap.cost_k_max()
-    assert calibrated_spec(SpecConfig(method="cost-aware", k_max=3), cheap).k_max == 3  # explicit wins
-    assert calibrated_spec(SpecConfig(method="cmasd"), cheap).k_max == SpecConfig().k_max  # uncalibrated method
+    assert resolve_knobs(SpecConfig(method="cost-aware"), cheap).k_max == cheap.cost_k_max()
+    assert resolve_knobs(SpecConfig(method="cost-aware", k_max=3), cheap).k_max == 3  # explicit wins
+    assert resolve_knobs(SpecConfig(method="cmasd"), cheap).k_max == SpecConfig().resolved().k_max  # uncalibrated
     no_drafter_cost = make_profile(*pair, drafter_ms=None)
     assert no_drafter_cost.cost_k_max() is None and "k_max" not in no_drafter_cost.knobs()
 

@@ -74,7 +74,7 @@ def test_stats_add_up(target, drafters):
     assert s.accepted == sum(sum(t.accepted) for t in r.trace)
     assert s.rollbacks == sum(1 for t in r.trace if not all(t.accepted))
     assert s.drafter_forwards >= s.drafted
-    assert min(s.draft_s, s.verify_s, s.policy_s) > 0
+    assert min(s.draft_s, s.target_s, s.policy_s) > 0
     for t in r.trace:
         assert len(t.confidence) == len(t.tokens) == len(t.accepted) == len(t.tau) == t.k
     # every step drafts within [k_min, k_max], except a last step with only one token left to make

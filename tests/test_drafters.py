@@ -4,7 +4,7 @@ import torch
 from adaspec.api import Engine, make_config
 from adaspec.decode import generate_ids
 from adaspec.drafters.model import ModelDrafter
-from adaspec.drafters.ngram import NGramDrafter, find_continuation
+from adaspec.drafters.ngram import NGramDrafter, find_match
 from adaspec.drafters.pool import DrafterPool
 from adaspec.models.tiny import ByteTokenizer, perturbed_copy, tiny_model
 from adaspec.policies.cost import FALLBACK_DRAFTER
@@ -14,16 +14,16 @@ def t(xs):
     return torch.tensor(xs, dtype=torch.long)
 
 
-def test_find_continuation_prefers_long_and_recent_matches():
+def test_find_match_prefers_long_and_recent_matches():
     seq = t([1, 2, 3, 9, 9, 2, 3, 7, 8, 5, 1, 2, 3])
     # trigram [1,2,3] occurs at 0 -> continuation 9, 9, 2
-    assert find_continuation(seq, 3).tolist() == [9, 9, 2]
+    assert find_match(seq, 3)[0].tolist() == [9, 9, 2]
     # the bigram [2, 3] would match later (followed by 7); the longer match wins
-    assert find_continuation(seq, 3, max_ngram=2).tolist() == [7, 8, 5]
-    assert find_continuation(seq, 10).tolist() == [9, 9, 2, 3, 7, 8, 5, 1, 2, 3]
-    assert find_continuation(t([4, 5, 6]), 3).tolist() == []
-    assert find_continuation(t([4]), 3).tolist() == []
-    assert find_continuation(seq, 0).tolist() == []
+    assert find_match(seq, 3, max_ngram=2)[0].tolist() == [7, 8, 5]
+    assert find_match(seq, 10)[0].tolist() == [9, 9, 2, 3, 7, 8, 5, 1, 2, 3]
+    assert find_match(t([4, 5, 6]), 3)[0].tolist() == []
+    assert find_match(t([4]), 3)[0].tolist() == []
+    assert find_match(seq, 0)[0].tolist() == []
 
 
 def test_ngram_drafter_contract():
@@ -66,14 +66,14 @@ def test_pool_identical_under_any_selection_sequence(pair):
             self.rng = torch.Generator().manual_seed(seed)
             self.choices = []
 
-        def propose(self, seq, max_k, policy, sampling, spec, generator):
+        def propose(self, seq, max_k, ctx):
             c = int(torch.randint(0, 3, (1,), generator=self.rng))
             self.choices.append(c)
             if c == 0:
                 return self.ngram.propose(seq, max_k)
             if c == 1:
-                return self.models[0][0].propose(seq, max_k, policy, sampling, spec, generator)
-            return super().propose(seq, 0, policy, sampling, spec, generator)
+                return self.models[0][0].propose(seq, max_k, ctx)
+            return super().propose(seq, 0, ctx)
 
     for seed in range(5):
         pool = RandomPool([(ModelDrafter(draft_model), FALLBACK_DRAFTER)], NGramDrafter(target.vocab_size), seed=seed)

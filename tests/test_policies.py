@@ -3,7 +3,7 @@ import torch
 
 from adaspec.config import AdaspecError, SpecConfig
 from adaspec.policies import (CMASDLength, ConfidenceStop, EntropyThreshold, FixedK, Heuristic, confidence_tau,
-                              entropy_tau, make_length_policy, taus_for)
+                              entropy_tau, make_length_policy, make_threshold_policy)
 from adaspec.records import Signals, StepOutcome
 
 
@@ -37,8 +37,7 @@ def test_heuristic_grows_and_shrinks_within_bounds():
     for _ in range(20):
         p.update(StepOutcome(k=p.k, n_accepted=0, signals=[]))
     assert p.propose_length() == 1
-    p.reset()
-    assert p.propose_length() == 5
+    assert Heuristic(start=5, k_max=8).propose_length() == 5  # every request starts from a fresh policy
 
 
 def test_confidence_stop_stops_after_unsure_token():
@@ -81,8 +80,8 @@ def test_threshold_policies():
     torch.testing.assert_close(confidence_tau(c, 0.2, 0.0), torch.tensor([0.2, 0.2, 0.2]))
     torch.testing.assert_close(entropy_tau(torch.tensor([0.1, 0.5]), 0.2, 0.3), torch.tensor([0.2, 0.0]))
     spec = SpecConfig(method="cmasd", tau_base=0.2)
-    assert taus_for(spec, [sig(1.0), sig(0.5)]).tolist() == pytest.approx([0.2, 0.1])
-    assert taus_for(SpecConfig(method="fixed"), [sig(1.0)]).tolist() == [0.0]
+    assert make_threshold_policy(spec)([sig(1.0), sig(0.5)]).tolist() == pytest.approx([0.2, 0.1])
+    assert make_threshold_policy(SpecConfig(method="fixed"))([sig(1.0)]).tolist() == [0.0]
 
 
 @pytest.mark.parametrize("method,cls", [("fixed", FixedK), ("heuristic", Heuristic), ("cmasd", CMASDLength),

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from adaspec.api import Engine, make_config
-from adaspec.costmodel import CostModel
+from adaspec.calibration.cost import CostModel
 from adaspec.decode import generate_ids
+from adaspec.drafters.base import DraftContext
 from adaspec.drafters.model import ModelDrafter
 from adaspec.drafters.ngram import NGramDrafter, find_match
 from adaspec.drafters.pool import MODEL_PRIOR, NGRAM_PRIOR, Acceptance, DrafterPool
@@ -213,14 +214,14 @@ def test_estimates_move_with_committed_outcomes(target, models):
     pool = pool_of(models, ("self", 0.25), select=force("self"))
     seq = torch.tensor(PROMPTS[1])
     pool.begin(seq)
-    policy, cfg = SimpleNamespace(keep_drafting=lambda i, s: True), make_config("fixed")
-    draft = pool.propose(seq, 4, policy, cfg.sampling, cfg.spec, None)
+    ctx = DraftContext(make_config("fixed").sampling, keep_drafting=lambda i, s: True)
+    draft = pool.propose(seq, 4, ctx)
     assert len(draft) >= 1 and draft.drafter == "self"
     pool.commit(len(seq) + len(draft))  # all accepted
     up = pool.estimate("self")
     assert up > MODEL_PRIOR
     seq = torch.cat([seq, draft.tokens, torch.tensor([7])])  # the accepted drafts and a bonus token
-    pool.propose(seq, 4, policy, cfg.sampling, cfg.spec, None)
+    pool.propose(seq, 4, ctx)
     pool.commit(len(seq))  # the first draft token rejected
     assert pool.estimate("self") < up
     assert pool.estimate("ngram:1") == NGRAM_PRIOR[0]  # untouched estimates stay at their prior
@@ -230,14 +231,14 @@ def test_estimates_move_with_committed_outcomes(target, models):
 
 def test_ngram_estimates_are_keyed_by_match_length(models):
     pool = pool_of(models, ngram=True, select=force("ngram"))
-    policy, cfg = None, make_config("fixed")
+    ctx = DraftContext(make_config("fixed").sampling)
     seq = torch.tensor([1, 2, 3, 9, 9, 1, 2, 3])
     assert find_match(seq, 4)[1] == 3
     pool.begin(seq)
-    d = pool.propose(seq, 4, policy, cfg.sampling, cfg.spec, None)
+    d = pool.propose(seq, 4, ctx)
     pool.commit(len(seq) + len(d))
     seq1 = torch.tensor([7, 4, 5, 7])  # only a one-token match
-    d = pool.propose(seq1, 4, policy, cfg.sampling, cfg.spec, None)
+    d = pool.propose(seq1, 4, ctx)
     pool.commit(len(seq1))
     assert pool.estimate("ngram:3") > NGRAM_PRIOR[2]
     assert pool.estimate("ngram:1") < NGRAM_PRIOR[0]
@@ -248,9 +249,9 @@ def test_unused_estimates_drift_back_to_their_prior(models):
     pool = pool_of(models, ("self", 0.25), select=force("self"))
     seq = torch.tensor(PROMPTS[1])
     pool.begin(seq)
-    policy, cfg = SimpleNamespace(keep_drafting=lambda i, s: True), make_config("fixed")
+    ctx = DraftContext(make_config("fixed").sampling, keep_drafting=lambda i, s: True)
     for _ in range(3):
-        pool.propose(seq, 2, policy, cfg.sampling, cfg.spec, None)
+        pool.propose(seq, 2, ctx)
         pool.commit(len(seq))  # rejected at once
         seq = torch.cat([seq, torch.tensor([7])])  # the corrected token
     low = pool.estimate("self")
@@ -274,8 +275,8 @@ def test_pool_rejects_bad_drafter_lists(models):
 def test_engine_pool_costs_extra_drafters_and_profile(target, models):
     engine = Engine(target, models["perturbed"], ByteTokenizer())
     engine.extra_drafters.append((ModelDrafter(models["random"], name="random"), 0.1))
-    spec = make_config("multi-draft").spec
-    pool = engine.drafter_for(spec)
+    cfg = make_config("multi-draft")
+    pool = engine.prepare(cfg).drafter
     assert [(d.name, c) for d, c in pool.models] == [("model", 0.25), ("random", 0.1)]
     assert pool.target_ms(3) == pytest.approx(1.2) and pool.estimate("model") == MODEL_PRIOR
     r = engine.generate(PROMPTS[2], method="multi-draft", max_new_tokens=40, ignore_eos=True)
@@ -284,6 +285,6 @@ def test_engine_pool_costs_extra_drafters_and_profile(target, models):
     # with a profile: measured ms, the target's cost curve, the pair's measured acceptance as prior
     cost = CostModel(target_ms={1: 80.0, 4: 86.0}, drafter_ms_per_token=35.0, machine="test", threads=1)
     engine.profile = SimpleNamespace(cost=cost, fit={"fit": {"base_rate": 0.73}})
-    pool = engine.drafter_for(spec)
+    pool = engine.prepare(cfg).drafter
     assert [(d.name, c) for d, c in pool.models] == [("model", 35.0), ("random", pytest.approx(8.0))]
     assert pool.target_ms(4) == 86.0 and pool.estimate("model") == 0.73

@@ -308,18 +308,18 @@ def test_load_converts_once_per_checksum_and_dtype(fake, cache, monkeypatch):
 
     monkeypatch.setattr(cc, "convert", fake_convert)
     monkeypatch.setattr(hf, "load_hf", fake_load_hf)
-    adapter, _ = registry.load("fake")
+    adapter, _ = registry.load_pretrained("fake")
     assert adapter.name == "fake"
     done = cache / "fake" / f"converted-{preset.sha256[:12]}-float32"
     assert converted == [(cache / "fake" / "fake.gguf", torch.float32)] and loaded[-1] == (str(done), None,
                                                                                             torch.float32)
     (cache / "fake" / "fake.gguf").unlink()  # the converted copy alone is enough from now on
-    registry.load("fake")
+    registry.load_pretrained("fake")
     assert len(converted) == 1 and loaded[-1][0] == str(done)
     registry.pull("fake", progress=False, fetcher=index)
-    registry.load("fake", dtype=torch.bfloat16)
+    registry.load_pretrained("fake", dtype=torch.bfloat16)
     assert converted[-1][1] == torch.bfloat16 and loaded[-1][0].endswith("-bfloat16")
-    registry.load("fake", convert_cache=False)
+    registry.load_pretrained("fake", convert_cache=False)
     assert loaded[-1] == (str(cache / "fake"), "fake.gguf", torch.float32)
 
 
@@ -375,7 +375,7 @@ def _greedy(adapter, ids: list[int], n: int) -> list[int]:
 def test_smollm2_pull_convert_and_generate(smollm2_fetcher, cache, monkeypatch):
     gguf = registry.pull("smollm2-135m", progress=False, fetcher=smollm2_fetcher)
     assert gguf.stat().st_size == PRESETS["smollm2-135m"].size
-    adapter, tok = registry.load("smollm2-135m", auto_pull=False)  # first load: converts
+    adapter, tok = registry.load_pretrained("smollm2-135m", auto_pull=False)  # first load: converts
     done = cc.converted_dir(cache / "smollm2-135m", PRESETS["smollm2-135m"].sha256, torch.float32)
     assert cc.is_complete(done) and (done / "model.safetensors").is_file()
     prompt = tok.chat_ids([{"role": "user", "content": "Write a Python function that adds two numbers."}])
@@ -386,6 +386,6 @@ def test_smollm2_pull_convert_and_generate(smollm2_fetcher, cache, monkeypatch):
     def no_conversion(*a, **k):
         raise AssertionError("the converted copy should have been reused")
     monkeypatch.setattr(cc, "convert", no_conversion)
-    again, tok2 = registry.load("smollm2-135m", auto_pull=False)
+    again, tok2 = registry.load_pretrained("smollm2-135m", auto_pull=False)
     assert again.name == "smollm2-135m"
     assert _greedy(again, prompt, 8) == first  # cold and warm starts read the same tensors

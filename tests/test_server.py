@@ -26,7 +26,7 @@ from hypothesis import strategies as st  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 import adaspec  # noqa: E402
-from adaspec.config import PRESETS, VERIFY_RULES  # noqa: E402
+from adaspec.config import METHODS, VERIFY_RULES  # noqa: E402
 from adaspec.records import Result, Stats  # noqa: E402
 from adaspec.server import ServerSettings, create_app  # noqa: E402
 from adaspec.server.schemas import response_body  # noqa: E402
@@ -290,11 +290,11 @@ def mostly(valid, bad=JSON):
 
 
 UNIT = st.floats(0, 1)
-KNOBS = {"method": st.sampled_from(list(PRESETS)), "k": st.integers(1, 64), "k_min": st.integers(1, 8),
+KNOBS = {"method": st.sampled_from(list(METHODS)), "k": st.integers(1, 64), "k_min": st.integers(1, 8),
          "k_max": st.integers(1, 64), "alpha": st.floats(0, 1, exclude_min=True), "tau_base": UNIT,
          "gamma": st.floats(0, 5), "beta": st.integers(1, 5), "lambdas": st.lists(st.floats(0, 2), min_size=3,
                                                                                     max_size=3),
-         "verify": st.sampled_from(VERIFY_RULES), "signal": st.sampled_from(["ensemble", "entropy", "logit", "soft"]),
+         "verify": st.sampled_from(list(VERIFY_RULES)), "signal": st.sampled_from(["ensemble", "entropy", "logit", "soft"]),
          "logit_scale": st.floats(0.1, 5), "confidence_stop": UNIT, "entropy_threshold": UNIT, "typical_eps": UNIT,
          "max_ngram": st.integers(1, 5), "skip_entropy": UNIT}
 COMMON = {

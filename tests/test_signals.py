@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from adaspec.signals import combine, entropy, signals_from_logits, stack
+from adaspec.signals import combine, entropy, signals_from_logits
 
 
 def test_uniform_logits_have_zero_confidence():
@@ -61,13 +61,12 @@ def test_weights_are_normalised():
     assert combine(a, b, c, lambdas=(0, 0, 5)).item() == pytest.approx(1.0)
 
 
-def test_entropy_and_stack():
+def test_entropy_and_batched_signals():
     lp = torch.log(torch.tensor([0.5, 0.5]))
     assert entropy(lp).item() == pytest.approx(math.log(2))
-    sigs = [signals_from_logits(torch.randn(7)) for _ in range(4)]
-    st = stack(sigs)
+    st = signals_from_logits(torch.randn(4, 7))  # signals of a whole draft in one call
     assert st.confidence.shape == (4,)
-    assert stack([]).confidence.shape == (0,)
+    assert signals_from_logits(torch.randn(0, 7)).confidence.shape == (0,)
 
 
 def test_half_precision_logits_are_upcast():

@@ -6,7 +6,7 @@ strictly to verify. Greedy and rejection-sampling verification are lossless.
 """
 
 from adaspec.api import Engine, Stream, generate, load, make_config
-from adaspec.config import PRESETS as METHODS
+from adaspec.config import METHODS
 from adaspec.config import AdaspecError, GenerationConfig, SamplingConfig, SpecConfig
 from adaspec.records import Draft, Result, Signals, Stats, StepOutcome, TraceStep, Verdict
 

@@ -9,45 +9,29 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import fields
 from pathlib import Path
 
 import torch
 
-from adaspec.config import AdaspecError, GenerationConfig, SamplingConfig, SpecConfig
+from adaspec.calibration.identity import model_identity
+from adaspec.calibration.profile import Profile, load_profile
+from adaspec.config import AdaspecError, GenerationConfig, SpecConfig, make_config
 from adaspec.decode import check_vocab, speculative_generate
 from adaspec.drafters.base import Drafter
 from adaspec.drafters.model import ModelDrafter
 from adaspec.drafters.ngram import NGramDrafter
 from adaspec.drafters.pool import DrafterPool
 from adaspec.models.base import ModelAdapter, Tokenizer
+from adaspec.plan import Speculation, prepare, resolve_knobs
 from adaspec.policies.cost import FALLBACK_DRAFTER, fallback_target_cost
-from adaspec.profile import Profile, calibrated_spec, load_profile, model_identity
 from adaspec.records import Result
 from adaspec.stopping import StopStrings
 
+__all__ = ["DEFAULT_DRAFTER", "DEFAULT_TARGET", "Engine", "Stream", "generate", "load", "load_model", "make_config"]
+
 DEFAULT_TARGET = "qwen2.5-coder-1.5b"
 DEFAULT_DRAFTER = "qwen2.5-coder-0.5b"
-_SAMPLING = {f.name for f in fields(SamplingConfig)}
-_SPEC = {f.name for f in fields(SpecConfig)}
-_GENERATION = {"max_new_tokens", "stop", "trace", "ignore_eos"}
 DRAFTER_RUNTIMES = ("auto", "hf")
-
-
-def make_config(method: str = "cmasd", **options) -> GenerationConfig:
-    """Split flat keyword options into a validated GenerationConfig; unknown names are an error."""
-    unknown = set(options) - _SAMPLING - _SPEC - _GENERATION
-    if unknown:
-        known = sorted(_SAMPLING | _SPEC | _GENERATION)
-        raise AdaspecError(f"unknown option(s) {', '.join(sorted(unknown))}; known options: {', '.join(known)}")
-    stop = options.pop("stop", ())
-    stop = (stop,) if isinstance(stop, str) else tuple(stop or ())
-    if "lambdas" in options:
-        options["lambdas"] = tuple(options["lambdas"])
-    sampling = SamplingConfig(**{k: v for k, v in options.items() if k in _SAMPLING})
-    spec = SpecConfig(method=method, **{k: v for k, v in options.items() if k in _SPEC})
-    gen = {k: v for k, v in options.items() if k in _GENERATION}
-    return GenerationConfig(stop=stop, sampling=sampling, spec=spec, **gen).validate()
 
 
 def load_model(source: str | ModelAdapter, *, dtype: torch.dtype = torch.float32, device: str = "cpu",
@@ -59,10 +43,9 @@ def load_model(source: str | ModelAdapter, *, dtype: torch.dtype = torch.float32
     copy of it that agrees only sometimes), used by the tests and for trying the CLI without weights.
 
     role="drafter" with drafter_runtime="auto": an int8 Llama-family drafter runs on adaspec's own
-    runtime with one kernel call per projection (models/fast.py), about 23% cheaper per drafted token
-    than through transformers on this project's CPU (29.0 vs 37.6 ms for the 0.5B); drafters only
-    steer proposals, so this never changes what is generated. drafter_runtime="hf" keeps
-    transformers' forward.
+    runtime with one kernel call per projection (models/fast.py; its cost against transformers'
+    forward is in docs/method.md); drafters only steer proposals, so this never changes what is
+    generated. drafter_runtime="hf" keeps transformers' forward.
     """
     if drafter_runtime not in DRAFTER_RUNTIMES:
         raise AdaspecError(f"unknown drafter runtime {drafter_runtime!r}; choose one of {', '.join(DRAFTER_RUNTIMES)}")
@@ -76,9 +59,9 @@ def load_model(source: str | ModelAdapter, *, dtype: torch.dtype = torch.float32
             adapter = perturbed_copy(adapter, noise=0.5, seed=1)
         tokenizer = ByteTokenizer()
     else:
-        from adaspec.models.registry import load
+        from adaspec.models.registry import load_pretrained
 
-        adapter, tokenizer = load(source, dtype=dtype, device=device)
+        adapter, tokenizer = load_pretrained(source, dtype=dtype, device=device)
     if quant:
         from adaspec.models.quant import quantize_adapter
 
@@ -115,7 +98,11 @@ def _linear_weights(module) -> int:
 
 
 class Engine:
-    """A loaded target (and optional drafter) with their tokenizer, reusable across requests."""
+    """A loaded target (and optional drafter model) with their tokenizer, reusable across requests.
+
+    ``drafter`` is the drafter model's adapter; each request gets the drafter its method names
+    (``prepare``): none, that model, prompt lookup, or a pool of them.
+    """
 
     def __init__(self, target: ModelAdapter, drafter: ModelAdapter | None = None,
                  tokenizer: Tokenizer | None = None, *, drafter_tokenizer: Tokenizer | None = None,
@@ -127,8 +114,7 @@ class Engine:
                                "drafter from the same model family (same vocabulary)")
         if drafter is not None:
             check_vocab(target, drafter)
-        self.target, self.tokenizer, self.chat = target, tokenizer, chat
-        self.drafter = ModelDrafter(drafter) if drafter is not None else None
+        self.target, self.drafter, self.tokenizer, self.chat = target, drafter, tokenizer, chat
         # More model drafters for the pool methods (e.g. an early-exit drafter): (drafter, cost per
         # drafted token as a fraction of one one-token target forward). Append after loading.
         self.extra_drafters: list[tuple[Drafter, float]] = []
@@ -174,15 +160,21 @@ class Engine:
         if cfg.stop and self.tokenizer is None:
             raise AdaspecError("stop strings need a tokenizer: this engine has none")
         stop = StopStrings(self.tokenizer, cfg.stop) if cfg.stop else None
-        drafter = self.drafter_for(cfg.spec)
-        return Stream(speculative_generate(self.target, drafter, ids, cfg, stop=stop, profile=self.profile),
+        return Stream(speculative_generate(self.target, self.prepare(cfg), ids, cfg, stop=stop),
                       self.tokenizer, cfg.stop)
 
+    def prepare(self, cfg: GenerationConfig, *, drafter: Drafter | None = None) -> Speculation:
+        """A request's speculation, resolved once before the loop: its knobs (explicit > this
+        engine's profile, for calibrated methods > built-in fallbacks), the drafter its method names
+        (or ``drafter``, e.g. the benchmark's oracle) and its policies. Raises AdaspecError for a
+        method this engine cannot run."""
+        spec = resolve_knobs(cfg.spec, self.profile)
+        return prepare(spec, drafter if drafter is not None else self.drafter_for(spec), self.profile)
+
     def drafter_for(self, spec: SpecConfig) -> Drafter | None:
-        """The drafter a method uses: none, the model, prompt lookup, or a pool of lookup, the model
-        and ``extra_drafters``."""
+        """The drafter a resolved spec's method uses: none, the model, prompt lookup, or a pool of
+        lookup, the model and ``extra_drafters``."""
         kind = spec.drafter_kind
-        spec = calibrated_spec(spec, self.profile, warn=False)  # a calibrated pool reads skip_entropy from the profile
         if kind == "none":
             return None
         ngram = NGramDrafter(self.target.vocab_size, max_ngram=spec.max_ngram)  # stateless: one per request
@@ -198,9 +190,9 @@ class Engine:
 
     def _model_drafter(self, spec: SpecConfig) -> ModelDrafter | None:
         """The drafter model, reading the whole prompt or (spec.draft_context) only its tail."""
-        if self.drafter is None or spec.draft_context is None:
-            return self.drafter
-        return ModelDrafter(self.drafter.adapter, self.drafter.name, context=spec.draft_context)
+        if self.drafter is None:
+            return None
+        return ModelDrafter(self.drafter, context=spec.draft_context)
 
     def _pool(self, ngram: NGramDrafter, model: ModelDrafter | None, spec: SpecConfig) -> DrafterPool:
         """The drafter pool on the profile's measured costs (ms), else on the fallbacks (units of one

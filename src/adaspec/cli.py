@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import typing
 
-from adaspec.config import PRESETS, SIGNALS, VERIFY_RULES, AdaspecError, SpecConfig
+from adaspec.config import (GENERATION_KNOBS, SAMPLING_KNOBS, SPEC_KNOBS, AdaspecError, GenerationConfig,
+                            SamplingConfig, SpecConfig, doc)
 
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 
@@ -39,51 +41,60 @@ def add_model_args(p: argparse.ArgumentParser, *, drafter: bool = True) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 
 
-def add_knob_args(p: argparse.ArgumentParser) -> None:
-    d = SpecConfig()
-    p.add_argument("--method", choices=list(PRESETS), default="cmasd",
-                   help="speculation method preset (default: cmasd = confidence-adaptive k, exact verification "
-                        "unless --tau-base > 0)")
-    g = p.add_argument_group("sampling")
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples losslessly")
-    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0 = off)")
-    g.add_argument("--top-k", type=int, default=0, help="top-k sampling (default 0 = off)")
-    g.add_argument("--seed", type=int, default=None, help="random seed for sampled runs")
-    g.add_argument("--max-new-tokens", type=int, default=128, help="new tokens to generate (default 128)")
-    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    g.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence")
-    k = p.add_argument_group("speculation knobs (see docs/method.md)")
-    k.add_argument("--k", type=int, default=d.k, help=f"draft length of `fixed` (default {d.k})")
-    k.add_argument("--k-min", type=int, default=d.k_min, help=f"smallest adaptive draft (default {d.k_min})")
-    k.add_argument("--k-max", type=int, default=d.k_max, help=f"largest adaptive draft (default {d.k_max})")
-    k.add_argument("--alpha", type=float, default=d.alpha, help=f"CM-ASD aggressiveness in (0,1] (default {d.alpha})")
-    k.add_argument("--gamma", type=float, default=d.gamma, help=f"tau sensitivity to confidence (default {d.gamma})")
-    k.add_argument("--tau-base", type=float, default=d.tau_base,
-                   help=f"relaxed-acceptance gap at full confidence; > 0 makes cmasd LOSSY (default {d.tau_base})")
-    k.add_argument("--beta", type=int, default=d.beta, help=f"relaxed tokens must be in target top-beta (default {d.beta})")
-    k.add_argument("--confidence-stop", type=float, default=d.confidence_stop,
-                   help=f"confidence-stop threshold on the drafter's token probability (default {d.confidence_stop})")
-    k.add_argument("--entropy-threshold", type=float, default=d.entropy_threshold,
-                   help=f"normalised-entropy threshold of `entropy` (default {d.entropy_threshold})")
-    k.add_argument("--lambdas", type=float, nargs=3, default=list(d.lambdas), metavar=("ENT", "LOGIT", "SOFT"),
-                   help="weights of the three signals in the confidence C (default equal)")
-    k.add_argument("--signal", choices=SIGNALS, default=d.signal, help="score driving the policies (default ensemble)")
-    k.add_argument("--verify", choices=VERIFY_RULES, default=None, help="override the preset's verification rule")
-    k.add_argument("--draft-context", type=int, default=None, metavar="N",
-                   help="the drafter model reads only a prompt's last N tokens: cheaper prefill of long prompts, "
-                        "same output (default: the whole prompt)")
-    k.add_argument("--profile", default=None, metavar="PATH", help="calibration profile of this pair from "
+GROUPS = (("generation", GENERATION_KNOBS), ("sampling", SAMPLING_KNOBS),
+          ("speculation knobs (see docs/method.md)", SPEC_KNOBS))
+
+
+def add_option_args(p: argparse.ArgumentParser) -> None:
+    """One flag per request option of config.py (--max-new-tokens, --temperature, --k-max, ...), its
+    help from the field's doc. Every flag but --method defaults to None, "not given", so that only
+    what the user set reaches make_config (a profile or a method's own default fills the rest)."""
+    for title, knobs in GROUPS:
+        g = p.add_argument_group(title)
+        hints = typing.get_type_hints(_owner(title))
+        for name, f in knobs.items():
+            if f.metadata["cli"]:
+                g.add_argument("--" + name.replace("_", "-"), **_flag(name, f, hints[name]))
+    p.add_argument("--profile", default=None, metavar="PATH", help="calibration profile of this pair from "
                    "`adaspec calibrate`, read by the calibrated methods (docs/calibration.md)")
 
 
-def knob_options(a: argparse.Namespace) -> dict:
-    return dict(
-        temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, seed=a.seed, max_new_tokens=a.max_new_tokens,
-        stop=tuple(a.stop), ignore_eos=a.ignore_eos, k=a.k, k_min=a.k_min, k_max=a.k_max, alpha=a.alpha,
-        gamma=a.gamma, tau_base=a.tau_base, beta=a.beta, confidence_stop=a.confidence_stop,
-        entropy_threshold=a.entropy_threshold, lambdas=tuple(a.lambdas), signal=a.signal, verify=a.verify,
-        draft_context=a.draft_context,
-    )
+def _owner(title: str):
+    return {"generation": GenerationConfig, "sampling": SamplingConfig}.get(title, SpecConfig)
+
+
+def _flag(name: str, f, hint) -> dict:
+    """argparse keywords for one option, from its type hint and metadata."""
+    kw: dict = {"default": None, "help": doc(f), "dest": name}
+    args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+    kind = args[0]
+    if name == "method":
+        kw["default"] = f.default  # a method is never unset
+    if f.metadata["choices"]:
+        kw["choices"] = f.metadata["choices"]
+    elif kind is bool:
+        kw["action"] = "store_true"
+    elif typing.get_origin(kind) is tuple:
+        items = typing.get_args(kind)
+        if items[-1] is Ellipsis:  # stop strings: repeatable
+            kw.update(action="append", type=items[0])
+        else:
+            kw.update(nargs=len(items), type=items[0], metavar=tuple(f"W{i + 1}" for i in range(len(items))))
+    else:
+        kw["type"] = kind
+    return kw
+
+
+def option_values(a: argparse.Namespace) -> dict:
+    """The request options the user gave on the command line (those left out are absent), for
+    make_config; --method is read as ``a.method``."""
+    out = {}
+    for _, knobs in GROUPS:
+        for name, f in knobs.items():
+            if f.metadata["cli"] and name != "method" and getattr(a, name, None) is not None:
+                value = getattr(a, name)
+                out[name] = tuple(value) if isinstance(value, list) else value
+    return out
 
 
 def load_engine(a: argparse.Namespace, *, need_drafter: bool = True):
@@ -109,7 +120,7 @@ def summary_line(label: str, r) -> str:
 def cmd_generate(a: argparse.Namespace) -> int:
     prompt = sys.stdin.read() if a.prompt == "-" else a.prompt
     engine = load_engine(a)
-    opts = knob_options(a)
+    opts = option_values(a)
     if a.warmup:
         engine.generate(prompt, method=a.method, **{**opts, "max_new_tokens": 2, "stop": ()})
     if a.json:
@@ -161,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Generate a reply, streaming it as tokens are accepted.")
     g.add_argument("prompt", help="prompt text, or - to read it from standard input")
     add_model_args(g)
-    add_knob_args(g)
+    add_option_args(g)
     g.add_argument("--raw", action="store_true", help="send the prompt as raw text, without the chat template")
     g.add_argument("--compare", action="store_true",
                    help="also run plain autoregressive decoding; print the speedup and whether outputs are identical")
@@ -191,7 +202,7 @@ def _extra_commands():
     import importlib
 
     found = []
-    for mod in ("adaspec.bench.cli", "adaspec.server.cli", "adaspec.calibrate_cli"):
+    for mod in ("adaspec.bench.cli", "adaspec.server.cli", "adaspec.calibration.cli"):
         try:
             found.append(importlib.import_module(mod).register)
         except ModuleNotFoundError as e:

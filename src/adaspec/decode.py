@@ -1,7 +1,9 @@
 """The decode loop: prefill -> propose -> verify -> commit/rollback -> adapt.
 
 One engine runs every method. Plain autoregressive decoding is the k = 0 case (no drafter, one
-token per target forward), so speed comparisons between methods measure only speculation.
+token per target forward), so speed comparisons between methods measure only speculation. The
+loop takes a `plan.Speculation` resolved before it starts (policies, thresholds, rule, drafter)
+and never looks at a method name, a profile or a default.
 
 Cache invariant (both models): before a step over a committed sequence of length L, the target's
 cache holds its first L - 1 tokens. The step feeds the target [seq[L-1], d_1..d_k] in one forward,
@@ -14,19 +16,16 @@ from __future__ import annotations
 
 import time
 from collections.abc import Generator
-from dataclasses import replace
 
 import torch
 
-from adaspec.config import AdaspecError, GenerationConfig
-from adaspec.drafters.base import Drafter
+from adaspec.config import AdaspecError, GenerationConfig, SamplingConfig
+from adaspec.drafters.base import DraftContext, Drafter
 from adaspec.models.base import ModelAdapter, absorb
-from adaspec.policies.length import LengthPolicy, NoDraft, make_length_policy
-from adaspec.policies.threshold import taus_for
-from adaspec.profile import calibrated_spec
+from adaspec.plan import Speculation, prepare, resolve_knobs
 from adaspec.records import Draft, Result, Stats, StepOutcome, TraceStep, Verdict
 from adaspec.sampling import make_generator
-from adaspec.stopping import StopStrings
+from adaspec.stopping import Finish, StopStrings
 from adaspec.verify import verify
 
 
@@ -63,11 +62,10 @@ def prefill(target: ModelAdapter, drafter: Drafter | None, prompt: torch.Tensor)
         drafter.begin(prompt)
 
 
-def propose(drafter: Drafter | None, seq: torch.Tensor, max_k: int, policy: LengthPolicy,
-            cfg: GenerationConfig, generator: torch.Generator | None) -> Draft:
+def propose(drafter: Drafter | None, seq: torch.Tensor, max_k: int, ctx: DraftContext) -> Draft:
     if drafter is None or max_k <= 0:
         return Draft(tokens=seq.new_zeros(0), probs=None, signals=[], drafter="none")
-    return drafter.propose(seq, max_k, policy, cfg.sampling, cfg.spec, generator)
+    return drafter.propose(seq, max_k, ctx)
 
 
 def score(target: ModelAdapter, seq: torch.Tensor, draft: Draft) -> torch.Tensor:
@@ -76,15 +74,11 @@ def score(target: ModelAdapter, seq: torch.Tensor, draft: Draft) -> torch.Tensor
     return target.extend(feed)[-(len(draft) + 1) :]
 
 
-def judge(draft: Draft, target_logits: torch.Tensor, cfg: GenerationConfig,
+def judge(plan: Speculation, draft: Draft, target_logits: torch.Tensor, sampling: SamplingConfig,
           generator: torch.Generator | None) -> tuple[Verdict, torch.Tensor]:
-    spec = cfg.spec
-    taus = taus_for(spec, draft.signals)  # (k,)
-    if spec.lossless:
-        rule = "exact"
-    else:
-        rule = "typical" if spec.verify_rule == "typical" else "relaxed"
-    verdict = verify(rule, draft.tokens, draft.probs, target_logits, sampling=cfg.sampling, taus=taus,
+    """The verdict of the plan's rule on a draft, and the thresholds tau (k,) it used."""
+    spec, taus = plan.spec, plan.thresholds(draft.signals)
+    verdict = verify(plan.rule, draft.tokens, draft.probs, target_logits, sampling=sampling, taus=taus,
                      beta=spec.beta, eps=spec.typical_eps, delta=spec.typical_delta, generator=generator)
     return verdict, taus
 
@@ -96,7 +90,105 @@ def commit(target: ModelAdapter, drafter: Drafter | None, valid_len: int) -> Non
         drafter.commit(valid_len)
 
 
-def _trace_step(draft: Draft, taus: torch.Tensor, verdict: Verdict, wall_s: float) -> TraceStep:
+def speculative_generate(target: ModelAdapter, plan: Speculation, prompt_ids: list[int] | torch.Tensor,
+                         cfg: GenerationConfig, *, stop: StopStrings | None = None
+                         ) -> Generator[list[int], None, Result]:
+    """Yield each step's committed tokens; return the Result (``StopIteration.value``)."""
+    prompt = torch.as_tensor(prompt_ids, dtype=torch.long, device=target.device).reshape(-1)
+    drafter, policy = plan.drafter, plan.length
+    check_inputs(target, drafter, prompt.shape[0], cfg)
+    generator = None if cfg.sampling.greedy else make_generator(cfg.sampling.seed, target.device)
+    ctx = DraftContext(cfg.sampling, generator, plan.signals, policy.keep_drafting)
+    finish = Finish(cfg.max_new_tokens, set() if cfg.ignore_eos else set(target.eos_token_ids), stop)
+    ledger = Ledger(drafter, trace=cfg.trace)
+    seq = torch.empty(prompt.shape[0] + cfg.max_new_tokens, dtype=torch.long, device=target.device)
+    seq[: prompt.shape[0]] = prompt
+    L = prompt.shape[0]  # committed length
+
+    prefill(target, drafter, prompt)
+    ledger.prefilled()
+    while not finish.done:
+        ledger.start_step()
+        max_k = min(policy.propose_length(), finish.room - 1)
+        draft = propose(drafter, seq[:L], max_k, ctx)
+        ledger.drafted()
+        target_logits = score(target, seq[:L], draft)  # (k+1, V)
+        ledger.scored()
+        verdict, taus = judge(plan, draft, target_logits, cfg.sampling, generator)
+        n = verdict.n_accepted
+        commit(target, drafter, L + n)
+        policy.update(StepOutcome(k=len(draft), n_accepted=n, signals=draft.signals))
+        new = finish.keep(draft.tokens[:n].tolist() + [verdict.next_token])  # host sync: tokens leave the device
+        seq[L : L + len(new)] = torch.tensor(new, dtype=torch.long)
+        L += len(new)
+        ledger.step(draft, verdict, taus)
+        if new:
+            yield new
+
+    return Result(token_ids=finish.generated, text=finish.text, finish_reason=finish.finish_reason,
+                  method=plan.spec.method, lossless=plan.lossless or drafter is None,
+                  stats=ledger.close(len(finish.generated)), trace=ledger.trace, prompt_tokens=int(prompt.shape[0]),
+                  spec=plan.spec)
+
+
+class Ledger:
+    """The statistics (and the optional trace) of one generation, kept beside the loop.
+
+    Each step is timed in three parts: drafting (policy bound and proposal), the target's forward,
+    and everything else (verification rule, rollback, policy update, EOS and stop checks). Time a
+    drafter spent on signals and policy decisions is moved from drafting to overhead at the end.
+    """
+
+    def __init__(self, drafter: Drafter | None, *, trace: bool):
+        self.drafter, self.stats = drafter, Stats()
+        self.trace: list[TraceStep] | None = [] if trace else None
+        self._signal_s0 = drafter.signal_s if drafter is not None else 0.0
+        self._forwards0 = drafter.forwards if drafter is not None else 0
+        self._start = self._t = self._step_start = time.perf_counter()
+
+    def _lap(self) -> float:
+        now = time.perf_counter()
+        elapsed, self._t = now - self._t, now
+        return elapsed
+
+    def prefilled(self) -> None:
+        self.stats.prefill_s = self._lap()
+
+    def start_step(self) -> None:  # what the consumer of the previous step's tokens took is not counted
+        self._t = self._step_start = time.perf_counter()
+
+    def drafted(self) -> None:
+        self.stats.draft_s += self._lap()
+
+    def scored(self) -> None:
+        self.stats.target_s += self._lap()
+
+    def step(self, draft: Draft, verdict: Verdict, taus: torch.Tensor) -> None:
+        s, k, n = self.stats, len(draft), verdict.n_accepted
+        s.policy_s += self._lap()
+        s.steps += 1
+        s.target_forwards += 1
+        s.drafted += k
+        s.accepted += n
+        s.rollbacks += int(n < k)
+        if self.drafter is not None and k:
+            s.drafters_used[draft.drafter] = s.drafters_used.get(draft.drafter, 0) + 1
+        if self.trace is not None:
+            self.trace.append(trace_step(draft, taus, verdict, self._t - self._step_start))
+
+    def close(self, new_tokens: int) -> Stats:
+        s = self.stats
+        s.total_s = time.perf_counter() - self._start
+        s.new_tokens = new_tokens
+        if self.drafter is not None:
+            signal_s = self.drafter.signal_s - self._signal_s0
+            s.draft_s -= signal_s  # signals and policy decisions are overhead, not drafting
+            s.policy_s += signal_s
+            s.drafter_forwards = self.drafter.forwards - self._forwards0
+        return s
+
+
+def trace_step(draft: Draft, taus: torch.Tensor, verdict: Verdict, wall_s: float) -> TraceStep:
     def col(field: str) -> list[float]:
         return [float(getattr(s, field)) for s in draft.signals]
 
@@ -106,99 +198,12 @@ def _trace_step(draft: Draft, taus: torch.Tensor, verdict: Verdict, wall_s: floa
                      next_token=verdict.next_token, wall_s=wall_s)
 
 
-def speculative_generate(
-    target: ModelAdapter,
-    drafter: Drafter | None,
-    prompt_ids: list[int] | torch.Tensor,
-    cfg: GenerationConfig,
-    *,
-    stop: StopStrings | None = None,
-    profile=None,
-) -> Generator[list[int], None, Result]:
-    """Yield each step's committed tokens; return the Result (``StopIteration.value``).
-
-    profile: an optional calibration profile (adaspec.profile.Profile) read by calibrated methods.
-    """
-    prompt = torch.as_tensor(prompt_ids, dtype=torch.long, device=target.device).reshape(-1)
-    if cfg.spec.length_policy == "none":
-        drafter = None
-    spec = calibrated_spec(cfg.spec, profile)
-    if spec is not cfg.spec:  # calibrated knobs reach the length policy and the thresholds tau
-        cfg = replace(cfg, spec=spec)
-    check_inputs(target, drafter, prompt.shape[0], cfg)
-    policy = make_length_policy(cfg.spec, profile) if drafter is not None else NoDraft()
-    generator = None if cfg.sampling.greedy else make_generator(cfg.sampling.seed, target.device)
-    eos = set() if cfg.ignore_eos else set(target.eos_token_ids)
-    stats, trace = Stats(), ([] if cfg.trace else None)
-    seq = torch.empty(prompt.shape[0] + cfg.max_new_tokens, dtype=torch.long, device=target.device)
-    seq[: prompt.shape[0]] = prompt
-    L = prompt.shape[0]  # committed length
-    generated: list[int] = []
-    finish, text = "length", None
-    signal_s0, forwards0 = getattr(drafter, "signal_s", 0.0), getattr(drafter, "forwards", 0)
-
-    t_start = time.perf_counter()
-    prefill(target, drafter, prompt)
-    stats.prefill_s = time.perf_counter() - t_start
-
-    while finish == "length" and len(generated) < cfg.max_new_tokens:
-        t0 = time.perf_counter()
-        max_k = min(policy.propose_length(), cfg.max_new_tokens - len(generated) - 1)
-        draft = propose(drafter, seq[:L], max_k, policy, cfg, generator)
-        t1 = time.perf_counter()
-        target_logits = score(target, seq[:L], draft)  # (k+1, V)
-        t2 = time.perf_counter()
-        verdict, taus = judge(draft, target_logits, cfg, generator)
-        n, k = verdict.n_accepted, len(draft)
-        new = draft.tokens[:n].tolist() + [verdict.next_token]  # host sync: tokens leave the device here
-        commit(target, drafter, L + n)
-        policy.update(StepOutcome(k=k, n_accepted=n, signals=draft.signals))
-
-        for i, tok in enumerate(new):  # EOS may arrive inside an accepted draft
-            if tok in eos:
-                new, finish = new[: i + 1], "eos"
-                break
-        new = new[: cfg.max_new_tokens - len(generated)]
-        seq[L : L + len(new)] = torch.tensor(new, dtype=torch.long)
-        L += len(new)
-        generated += new
-        if stop is not None and (hit := stop.check(generated, len(new))) is not None:
-            keep, text = hit
-            new, finish = new[: len(new) - (len(generated) - keep)], "stop"
-            generated = generated[:keep]
-
-        t3 = time.perf_counter()
-        stats.steps += 1
-        stats.target_forwards += 1
-        stats.drafted += k
-        stats.accepted += n
-        stats.rollbacks += int(n < k)
-        stats.draft_s += t1 - t0
-        stats.verify_s += t2 - t1
-        stats.policy_s += t3 - t2
-        if drafter is not None and k:
-            stats.drafters_used[draft.drafter] = stats.drafters_used.get(draft.drafter, 0) + 1
-        if trace is not None:
-            trace.append(_trace_step(draft, taus, verdict, t3 - t0))
-        if new:
-            yield new
-
-    stats.total_s = time.perf_counter() - t_start
-    stats.new_tokens = len(generated)
-    if drafter is not None:
-        signal_s = getattr(drafter, "signal_s", 0.0) - signal_s0
-        stats.draft_s -= signal_s  # signals and policy decisions are overhead, not drafting
-        stats.policy_s += signal_s
-        stats.drafter_forwards = getattr(drafter, "forwards", 0) - forwards0
-    return Result(token_ids=generated, text=text, finish_reason=finish, method=cfg.spec.method,
-                  lossless=cfg.spec.lossless or drafter is None, stats=stats, trace=trace,
-                  prompt_tokens=int(prompt.shape[0]))
-
-
-def generate_ids(target: ModelAdapter, drafter: Drafter | None, prompt_ids, cfg: GenerationConfig,
-                 *, stop: StopStrings | None = None, profile=None) -> Result:
-    """Run the loop to completion and return the Result."""
-    gen = speculative_generate(target, drafter, prompt_ids, cfg, stop=stop, profile=profile)
+def generate_ids(target: ModelAdapter, drafter: Drafter | None, prompt_ids, cfg: GenerationConfig, *,
+                 stop: StopStrings | None = None, plan: Speculation | None = None) -> Result:
+    """Run the loop to completion and return the Result: with a ready plan, or with `drafter` and
+    the policies cfg names on their fallbacks (no profile)."""
+    plan = plan or prepare(resolve_knobs(cfg.spec), drafter)
+    gen = speculative_generate(target, plan, prompt_ids, cfg, stop=stop)
     while True:
         try:
             next(gen)

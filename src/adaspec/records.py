@@ -20,6 +20,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from adaspec.config import SpecConfig
+
 
 @dataclass
 class Signals:
@@ -98,7 +100,7 @@ class Stats:
     rollbacks: int = 0  # steps in which at least one draft token was rejected
     prefill_s: float = 0.0
     draft_s: float = 0.0
-    verify_s: float = 0.0
+    target_s: float = 0.0  # the target's forwards (scoring drafts), prefill excluded
     policy_s: float = 0.0  # signals, policy and verification-rule bookkeeping outside model forwards
     total_s: float = 0.0
     drafters_used: dict[str, int] = field(default_factory=dict)  # steps per drafter name
@@ -151,6 +153,7 @@ class Result:
     stats: Stats
     trace: list[TraceStep] | None = None
     prompt_tokens: int = 0
+    spec: SpecConfig | None = None  # the knobs it ran with, resolved (explicit, profile or fallback)
 
     def to_dict(self) -> dict:
         return {
@@ -161,5 +164,6 @@ class Result:
             "lossless": self.lossless,
             "prompt_tokens": self.prompt_tokens,
             "stats": self.stats.to_dict(),
+            "spec": asdict(self.spec) if self.spec is not None else None,
             "trace": [asdict(t) for t in self.trace] if self.trace is not None else None,
         }

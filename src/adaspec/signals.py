@@ -82,10 +82,3 @@ def combine(
     w = w / w.sum()
     return w[0] * c_ent + w[1] * c_logit + w[2] * c_soft
 
-
-def stack(signals: list[Signals]) -> Signals:
-    """Stack per-token scalar signals into (k,) tensors (for traces and calibration)."""
-    if not signals:
-        empty = torch.zeros(0)
-        return Signals(empty, empty, empty, empty, empty, empty)
-    return Signals(*(torch.stack([getattr(s, f) for s in signals]) for f in Signals.__dataclass_fields__))

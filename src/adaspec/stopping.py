@@ -37,3 +37,46 @@ class StopStrings:
             if idx is not None:
                 return m, text[:idx]
         return None  # unreachable: the full text contained a stop string
+
+
+class Finish:
+    """When a generation ends, and what of each step's committed tokens it keeps.
+
+    Three things end it: max_new_tokens, an EOS token (which may arrive inside an accepted draft:
+    it is kept, what follows it is dropped) and a stop string (`StopStrings`: the tokens up to the
+    one completing it are kept, and the text before it becomes the result's text).
+    """
+
+    def __init__(self, max_new_tokens: int, eos: set[int], stop: StopStrings | None = None):
+        self.max_new_tokens, self.eos, self.stop = max_new_tokens, eos, stop
+        self.generated: list[int] = []
+        self.reason: str | None = None  # "eos" | "stop"; "length" once the budget is spent
+        self.text: str | None = None  # the text before the stop string, when one ended it
+
+    @property
+    def room(self) -> int:
+        """How many more tokens may be generated."""
+        return self.max_new_tokens - len(self.generated)
+
+    @property
+    def done(self) -> bool:
+        return self.reason is not None or self.room <= 0
+
+    @property
+    def finish_reason(self) -> str:
+        return self.reason or "length"
+
+    def keep(self, new: list[int]) -> list[int]:
+        """The part of a step's committed tokens that belongs to the output (all of it, or the
+        part up to EOS, the token budget or the end of a stop string)."""
+        for i, tok in enumerate(new):
+            if tok in self.eos:
+                new, self.reason = new[: i + 1], "eos"
+                break
+        new = new[: self.room]
+        self.generated += new
+        if self.stop is not None and (hit := self.stop.check(self.generated, len(new))) is not None:
+            keep, self.text = hit
+            new, self.reason = new[: len(new) - (len(self.generated) - keep)], "stop"
+            self.generated = self.generated[:keep]
+        return new

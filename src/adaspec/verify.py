@@ -39,11 +39,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from adaspec.config import SamplingConfig
+from adaspec.config import VERIFY_RULES, SamplingConfig
 from adaspec.records import Verdict
 from adaspec.sampling import greedy, sample, sample_rows, warp
 
-RULES = ("exact", "relaxed", "typical")
+ACCEPTANCE = tuple(dict.fromkeys(VERIFY_RULES.values()))  # ("exact", "relaxed", "typical")
 
 
 def _check_shapes(tokens: torch.Tensor, p: torch.Tensor | None, target_logits: torch.Tensor) -> tuple[int, int]:
@@ -202,14 +202,15 @@ def relaxed_accept(tokens: torch.Tensor, target_logits: torch.Tensor, taus: torc
 def verify(rule: str, tokens: torch.Tensor, p: torch.Tensor | None, target_logits: torch.Tensor, *,
            sampling: SamplingConfig, taus: torch.Tensor | float | None = None, beta: int = 1,
            eps: float = 0.09, delta: float = 0.3, generator: torch.Generator | None = None) -> Verdict:
-    """Apply verification `rule` ("exact", "relaxed" or "typical") to one draft.
+    """Apply the acceptance test `rule` ("exact", "relaxed" or "typical"; config.VERIFY_RULES maps the
+    `verify` knob's rule names to these) to one draft.
 
     "exact" is greedy_match at temperature 0 and rejection_sample above it (both lossless).
     "relaxed" uses taus (k,) (None = all zeros, i.e. exact greedy) and beta; "typical" uses eps and
     delta. p (k, V) is read only by rejection sampling but always shape-checked.
     """
-    if rule not in RULES:
-        raise ValueError(f"unknown verification rule {rule!r}; choose one of: {', '.join(RULES)}")
+    if rule not in ACCEPTANCE:
+        raise ValueError(f"unknown verification rule {rule!r}; choose one of: {', '.join(ACCEPTANCE)}")
     k, _ = _check_shapes(tokens, p, target_logits)
     if rule == "exact":
         if sampling.greedy:

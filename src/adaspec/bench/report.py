@@ -21,6 +21,8 @@ ABLATION = ("fixed", "cmasd-k", "cmasd-tau", "cmasd")  # base methods of the CM-
 SUBTASK_ORDER = ("mt_bench", "translation", "summarization", "qa", "math_reasoning", "rag", "gsm8k", "humaneval")
 
 
+OLD_KEYS = {"target_s": "verify_s"}  # Stats fields under their names in records written before a rename
+
 @dataclass
 class Summary:
     """One method over one set of prompts (those it and `ar` both finished)."""
@@ -34,7 +36,7 @@ class Summary:
     mean_accepted: float | None  # new tokens per target forward (None: not measured, e.g. hf-*)
     acceptance: float | None  # accepted / drafted tokens
     rollback: float | None  # share of steps that rejected a draft token
-    shares: dict | None  # share of generation time in drafting / verification / policy overhead
+    shares: dict | None  # share of generation time in drafting / the target's forwards / policy overhead
     identical: int  # outputs identical to ar
     agreement: float  # mean token agreement with ar
     lossless: bool
@@ -66,7 +68,7 @@ class Run:
         tps = [mine[i]["tokens_per_s"] for i in ids]
         tps_ar = [ar[i]["tokens_per_s"] for i in ids]
         stats = [mine[i]["stats"] for i in ids if mine[i].get("stats")]
-        total = lambda key: sum(s[key] for s in stats)  # noqa: E731
+        total = lambda key: sum(s[key] if key in s else s[OLD_KEYS[key]] for s in stats)  # noqa: E731
         measured = len(stats) == len(ids)
         time_s = total("total_s") if measured else 0
         quality = [_compare(mine[i]["token_ids"], ar[i]["token_ids"]) for i in ids]
@@ -78,7 +80,7 @@ class Run:
                            if measured and total("target_forwards") else None),
             acceptance=total("accepted") / total("drafted") if measured and total("drafted") else None,
             rollback=total("rollbacks") / total("steps") if measured and total("drafted") else None,
-            shares={k: total(f"{k}_s") / time_s for k in ("draft", "verify", "policy")} if time_s > 0 else None,
+            shares={k: total(f"{k}_s") / time_s for k in ("draft", "target", "policy")} if time_s > 0 else None,
             identical=sum(q[0] for q in quality), agreement=statistics.fmean(q[1] for q in quality),
             lossless=all(mine[i].get("lossless") for i in ids), greedy=all(mine[i].get("greedy", True) for i in ids))
 
@@ -193,7 +195,7 @@ def _f(x, fmt: str = "{:.2f}", none: str = "—") -> str:
 
 def speed_table(run: Run) -> str:
     rows = ["| Subtask | Method | n | tok/s | speedup (paired) | speedup (Spec-Bench) | accepted / fwd | "
-            "acceptance | rollback | draft | verify | policy |", "|---" * 12 + "|"]
+            "acceptance | rollback | draft | target | policy |", "|---" * 12 + "|"]
     for sub in ["all", *run.subtasks]:
         for m in run.methods:
             s = run.summary(m, None if sub == "all" else sub)
@@ -203,7 +205,7 @@ def speed_table(run: Run) -> str:
             rows.append(f"| {sub} | {m} | {s.n} | {s.tokens_per_s:.1f} | {s.speedup_paired:.2f}x | "
                         f"{s.speedup_specbench:.2f}x | {_f(s.mean_accepted)} | {_f(s.acceptance, '{:.1%}')} | "
                         f"{_f(s.rollback, '{:.1%}')} | {_f(sh.get('draft'), '{:.0%}')} | "
-                        f"{_f(sh.get('verify'), '{:.0%}')} | {_f(sh.get('policy'), '{:.0%}')} |")
+                        f"{_f(sh.get('target'), '{:.0%}')} | {_f(sh.get('policy'), '{:.0%}')} |")
     return "\n".join(rows)
 
 
@@ -332,51 +334,3 @@ method's token equals ar's. Task metrics are in percent (BLEU on its 0-100 scale
 _ABLATION_LEGEND = """fixed: fixed k, exact verification. cmasd-k: confidence-adaptive k, exact verification. cmasd-tau:
 fixed k, confidence-relaxed verification (lossy when tau_base > 0). cmasd: both (lossless when tau_base = 0,
 when it equals cmasd-k)."""
-
-
-# ---- sweep: speed against quality over a knob grid --------------------------------------------------
-
-def sweep_points(run: Run, labels: list[str]) -> list[dict]:
-    """Per grid point: its speedups, token agreement with ar, and mean task metric where there is one."""
-    points = []
-    for label in labels:
-        s = run.summary(label)
-        if s is None:
-            continue
-        task = run.task_quality(label)
-        points.append({"label": label, "speedup": s.speedup_specbench, "speedup_paired": s.speedup_paired,
-                       "agreement": 100 * s.agreement, "task": statistics.fmean(task.values()) if task else None,
-                       "mean_accepted": s.mean_accepted, "lossless": s.lossless})
-    return points
-
-
-def write_sweep(run_dir: str | Path, labels: list[str], grid: dict) -> Path:
-    """sweep.md and the Pareto plots (speedup vs agreement with ar, and vs task metric)."""
-    from adaspec.bench.plots import pareto_front, plot_pareto
-
-    run = Run(run_dir)
-    points = sweep_points(run, labels)
-    ar_task = run.task_quality("ar")
-    title = f"sweep of {', '.join(grid)}\n{run.meta.get('command', '')[:110]}\n{machine_line(run.meta)}"
-    plots = []
-    if plot_pareto(points, run.dir / "sweep_agreement.png", quality="agreement", title=title):
-        plots.append("sweep_agreement.png")
-    if plot_pareto(points, run.dir / "sweep_task.png", quality="task", title=title):
-        plots.append("sweep_task.png")
-    front = {p["label"] for p in pareto_front(points, "agreement")}
-    lines = ["# adaspec sweep", "", provenance(run.meta), "",
-             "grid: " + ", ".join(f"{k} in {{{', '.join(map(str, v))}}}" for k, v in grid.items()), "",
-             header(run.meta), "",
-             "| Point | speedup (Spec-Bench) | speedup (paired) | accepted / fwd | agreement with ar | task metric | "
-             "lossless | Pareto (agreement) |", "|---" * 8 + "|"]
-    for p in sorted(points, key=lambda p: -p["speedup"]):
-        lines.append(f"| {p['label']} | {p['speedup']:.2f}x | {p['speedup_paired']:.2f}x | {_f(p['mean_accepted'])} | "
-                     f"{p['agreement']:.1f}% | {_f(p['task'], '{:.1f}')} | {'yes' if p['lossless'] else 'no'} | "
-                     f"{'yes' if p['label'] in front else ''} |")
-    lines += ["", f"task metric: the mean of {', '.join(ar_task) or 'no task metric (none for these subtasks)'} "
-                  f"(ar: {_f(statistics.fmean(ar_task.values()) if ar_task else None, '{:.1f}')}). "
-                  "A point is on the frontier when no other point is both faster and closer to ar."]
-    lines += [f"\n![{p}]({p})" for p in plots]
-    path = run.dir / "sweep.md"
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path

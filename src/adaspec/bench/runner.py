@@ -18,10 +18,7 @@ reference for the lossless check and for token agreement, and the oracle's knowl
 from __future__ import annotations
 
 import json
-import os
-import platform
 import shlex
-import subprocess
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -30,6 +27,8 @@ import torch
 
 from adaspec.bench import methods as M
 from adaspec.bench.datasets import Record
+from adaspec.calibration.cost import fitting_prompt_len, measure
+from adaspec.calibration.identity import machine_info, model_info, versions
 from adaspec.config import AdaspecError
 
 RECORDS_FILE, RUN_FILE = "records.jsonl", "run.json"
@@ -120,10 +119,10 @@ def run_bench(engine, records: list[Record], methods: list[str], *, max_new_toke
 # ---- planning and run metadata ------------------------------------------------------------------
 
 def _plan(engine, labels: list[str], options: dict) -> tuple[dict[str, tuple], dict[str, str]]:
-    """label -> (Method, options it runs with); and label -> why it is skipped."""
+    """label -> (BenchMethod, options it runs with); and label -> why it is skipped."""
     plan, skipped = {}, {}
     for label in labels:
-        method, overrides = M.resolve(label)
+        method, overrides = M.parse_label(label)
         if method.needs_drafter and engine.drafter is None:
             skipped[label] = "needs a drafter model (--drafter)"
             continue
@@ -131,7 +130,7 @@ def _plan(engine, labels: list[str], options: dict) -> tuple[dict[str, tuple], d
             try:
                 M.hf_model(engine.target, "target")
                 if method.name == "hf-assisted" and engine.drafter is not None:
-                    M.hf_model(engine.drafter.adapter, "drafter")
+                    M.hf_model(engine.drafter, "drafter")
             except M.MethodSkipped as e:
                 skipped[label] = str(e)
                 continue
@@ -142,7 +141,7 @@ def _plan(engine, labels: list[str], options: dict) -> tuple[dict[str, tuple], d
 def _start_session(out: Path, engine, records, plan, skipped, options, repeats, warmup, command) -> dict:
     path = out / RUN_FILE
     settings = {"target": model_info(engine.target, engine.target_name),
-                "drafter": model_info(engine.drafter.adapter, engine.drafter_name) if engine.drafter else None,
+                "drafter": model_info(engine.drafter, engine.drafter_name) if engine.drafter is not None else None,
                 "max_new_tokens": options["max_new_tokens"], "options": _jsonable(options), "chat": engine.chat,
                 "profile": _jsonable(engine.profile.knobs()) if getattr(engine, "profile", None) else None}
     meta = json.loads(path.read_text()) if path.is_file() else {}
@@ -165,82 +164,22 @@ def _start_session(out: Path, engine, records, plan, skipped, options, repeats, 
                               **{label: _jsonable(o) for label, (_, o) in plan.items()}}
     meta["records"] = list(dict.fromkeys([*meta.get("records", []), *(r.id for r in records)]))
     if "hf-assisted" in plan:
-        meta["hf_assisted"] = M.hf_assisted_defaults(M.hf_model(engine.drafter.adapter, "drafter"))
+        meta["hf_assisted"] = M.hf_assisted_defaults(M.hf_model(engine.drafter, "drafter"))
     meta.setdefault("sessions", []).append({"start": _now(), "end": None, "command": command})
     _write_json(path, meta)
     return meta
 
 
-def model_info(adapter, name: str | None) -> dict:
-    """Name, class, dtype and (for registry presets) the pinned sha256 of the weights."""
-    info = {"name": name or adapter.name, "adapter": type(adapter).__name__, "vocab_size": adapter.vocab_size}
-    model = getattr(adapter, "model", None)
-    if isinstance(model, torch.nn.Module):
-        params = list(model.parameters())
-        info["dtype"] = str(params[0].dtype).removeprefix("torch.") if params else None
-        info["parameters"] = sum(p.numel() for p in params)
-    if name in ("tiny", "tiny-draft"):
-        info["sha256"] = "built-in seeded toy model (no weights file)"
-    else:
-        try:
-            from adaspec.models.registry import PRESETS as MODEL_PRESETS
-
-            if name in MODEL_PRESETS:
-                info["sha256"] = MODEL_PRESETS[name].sha256
-        except ImportError:
-            pass
-    info.setdefault("sha256", None)
-    return info
-
-
-def machine_info() -> dict:
-    info = {"cpu": None, "cpus": os.cpu_count(), "cores": None, "torch_threads": torch.get_num_threads(),
-            "platform": platform.platform()}
-    try:
-        lines = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout.splitlines()
-        fields = dict(line.split(":", 1) for line in lines if ":" in line)
-        fields = {k.strip(): v.strip() for k, v in fields.items()}
-        info["cpu"] = fields.get("Model name")
-        if fields.get("Core(s) per socket") and fields.get("Socket(s)"):
-            info["cores"] = int(fields["Core(s) per socket"]) * int(fields["Socket(s)"])
-    except (OSError, ValueError, subprocess.SubprocessError):
-        pass
-    if not info["cpu"]:
-        from adaspec.costmodel import machine_name
-
-        info["cpu"] = machine_name()
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
-
-
-def versions() -> dict:
-    from importlib import metadata
-
-    out = {"python": platform.python_version(), "torch": torch.__version__}
-    for dist in ("transformers", "adaspec"):
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            out[dist] = None
-    return out
-
-
 def measure_cost(engine, prompt_len: int = 200, new_tokens=(1, 2, 4, 8, 16), repeats: int = 5) -> dict:
-    """The target's ms per forward over 1, 2, 4, 8, 16 new tokens and the drafter's ms per token."""
-    from adaspec.costmodel import forward_cost
-
-    limit = engine.target.max_length
-    if limit is not None:
-        prompt_len = max(1, min(prompt_len, limit - max(new_tokens)))
+    """The target's ms per forward over 1, 2, 4, 8, 16 new tokens and the drafter's ms per token
+    (calibration.cost.measure), as run.json records them."""
     try:
-        target = forward_cost(engine.target, prompt_len, tuple(new_tokens), repeats)
-        drafter = (forward_cost(engine.drafter.adapter, prompt_len, (1,), repeats)[1]
-                   if engine.drafter is not None else None)
+        cost = measure(engine.target, engine.drafter, prompt_len=prompt_len, new_tokens=new_tokens, repeats=repeats)
     except AdaspecError as e:
         return {"error": str(e)}
-    return {"target_ms": {str(n): ms for n, ms in target.items()}, "drafter_ms_per_token": drafter,
-            "prompt_len": prompt_len, "repeats": repeats, "threads": torch.get_num_threads()}
+    return {"target_ms": cost.to_dict()["target_ms"], "drafter_ms_per_token": cost.drafter_ms_per_token,
+            "prompt_len": fitting_prompt_len(engine.target, prompt_len, new_tokens), "repeats": repeats,
+            "threads": cost.threads}
 
 
 # ---- one generation -------------------------------------------------------------------------------

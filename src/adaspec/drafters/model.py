@@ -6,9 +6,8 @@ import time
 
 import torch
 
-from adaspec.config import SamplingConfig, SpecConfig
+from adaspec.drafters.base import DraftContext
 from adaspec.models.base import ModelAdapter, absorb
-from adaspec.policies.length import LengthPolicy
 from adaspec.records import Draft, Signals
 from adaspec.sampling import greedy, sample, warp
 from adaspec.signals import signals_from_logits
@@ -23,9 +22,8 @@ class ModelDrafter:
     (the drafter never fed its own last draft token), more after a prefill of ``prompt[:-1]``.
 
     context: read at most this many of the prompt's last tokens (None: all). The cache then holds
-    ``seq[offset:]``. Prefilling a long prompt is the drafter's largest single cost (3.6 s for 1000
-    tokens of the int8 0.5B here) and plain decoding never pays it; a shorter context only changes
-    what is proposed, never what is committed.
+    ``seq[offset:]``. Prefilling a long prompt is a cost plain decoding never pays; a shorter
+    context only changes what is proposed, never what is committed.
     """
 
     def __init__(self, adapter: ModelAdapter, name: str | None = None, context: int | None = None):
@@ -46,15 +44,7 @@ class ModelDrafter:
             absorb(self.adapter, prompt[self.offset : -1])
             self.forwards += 1
 
-    def propose(
-        self,
-        seq: torch.Tensor,
-        max_k: int,
-        policy: LengthPolicy,
-        sampling: SamplingConfig,
-        spec: SpecConfig,
-        generator: torch.Generator | None,
-    ) -> Draft:
+    def propose(self, seq: torch.Tensor, max_k: int, ctx: DraftContext) -> Draft:
         feed = seq[self.offset + self.adapter.length :]  # (n,) committed tokens not yet in the cache
         tokens: list[torch.Tensor] = []
         probs: list[torch.Tensor] = []
@@ -62,18 +52,18 @@ class ModelDrafter:
         for i in range(max_k):
             logits = self.adapter.extend(feed)[-1]  # (V,)
             self.forwards += 1
-            if sampling.greedy:
+            if ctx.sampling.greedy:
                 token = greedy(logits)  # 0-d
             else:
-                p = warp(logits, sampling)  # (V,)
-                token = sample(p, generator)
+                p = warp(logits, ctx.sampling)  # (V,)
+                token = sample(p, ctx.generator)
                 probs.append(p)
             tokens.append(token)
             t0 = time.perf_counter()
-            sig = signals_from_logits(logits, token, lambdas=spec.lambdas, logit_scale=spec.logit_scale,
-                                      signal=spec.signal)
+            sig = signals_from_logits(logits, token, lambdas=ctx.signals.lambdas,
+                                      logit_scale=ctx.signals.logit_scale, signal=ctx.signals.signal)
             sigs.append(sig)
-            keep = i + 1 < max_k and policy.keep_drafting(i, sig)
+            keep = i + 1 < max_k and ctx.keep_drafting(i, sig)
             self.signal_s += time.perf_counter() - t0
             if not keep:
                 break

@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from adaspec.config import SamplingConfig, SpecConfig
-from adaspec.policies.length import LengthPolicy
+from adaspec.drafters.base import DraftContext
 from adaspec.records import Draft, Signals
 
 
@@ -35,12 +34,6 @@ def find_match(seq: torch.Tensor, max_k: int, max_ngram: int = 3, min_ngram: int
     return seq.new_zeros(0), 0
 
 
-def find_continuation(seq: torch.Tensor, max_k: int, max_ngram: int = 3, min_ngram: int = 1) -> torch.Tensor:
-    """Tokens (<= max_k,) that followed the most recent earlier match of seq's last n-gram
-    (``find_match`` without the match length)."""
-    return find_match(seq, max_k, max_ngram, min_ngram)[0]
-
-
 class NGramDrafter:
     name = "ngram"
 
@@ -49,6 +42,7 @@ class NGramDrafter:
             raise ValueError(f"need 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}")
         self.vocab_size, self.max_ngram, self.min_ngram = vocab_size, max_ngram, min_ngram
         self.forwards = 0  # never runs a model
+        self.signal_s = 0.0  # and computes no signals
 
     def begin(self, prompt: torch.Tensor) -> None:
         pass
@@ -65,9 +59,7 @@ class NGramDrafter:
         sig = Signals(entropy=zero, c_ent=one, c_logit=one, c_soft=one, confidence=one, p_token=one)
         return Draft(tokens=tokens, probs=None, signals=[sig] * len(tokens), drafter=self.name)
 
-    def propose(self, seq: torch.Tensor, max_k: int, policy: LengthPolicy | None = None,
-                sampling: SamplingConfig | None = None, spec: SpecConfig | None = None,
-                generator: torch.Generator | None = None) -> Draft:
+    def propose(self, seq: torch.Tensor, max_k: int, ctx: DraftContext | None = None) -> Draft:
         return self.draft(self.lookup(seq, max_k)[0])
 
     def commit(self, valid_len: int) -> None:

@@ -1,48 +1,13 @@
 """A pool of drafters with different costs and accuracies; each step runs the one with the highest
 expected goodput (committed tokens per unit of time), or none.
 
-The options of a step over a committed sequence of length L, with max_k the length policy's bound:
-
-- *no draft*: the target decodes one token, goodput 1 / T(1);
-- *prompt lookup* (free), only when the sequence's last n-gram recurs earlier: it can draft up to
-  the continuation's length, and its acceptance rate is the estimate a_ngram[n] for that match
-  length n (a 3-token match predicts far better than a 1-token one);
-- each *model drafter* i (the small model, an early-exit drafter, ...) at D_i per drafted token,
-  with acceptance estimate a_i.
-
-With a per-token acceptance rate a (each draft token accepted with probability a given the earlier
-ones were), a draft of k tokens commits 1 + a + ... + a^k tokens in expectation (the accepted
-prefix plus one corrected or bonus token) and costs k * D + T(k + 1), so
-
-    goodput(k) = (1 + sum_{j=1..k} a^j) / (k * D + T(k + 1)),    D = 0 for prompt lookup
-
-T(n) is the target's cost for n new tokens, made non-decreasing (policies/cost.monotone). Each
-option is priced at its best k <= its limit, the step takes the option with the highest goodput
-(ties go to no draft, then lookup), and runs it with that k as its max_k: a model drafter's
-length policy may still stop earlier. Costs are ms with a calibration profile, else units of one
-target forward (policies/cost.py: FALLBACK_DRAFTER, FALLBACK_GROWTH).
-
-Acceptance estimates are learned per request from ``commit(valid_len)``: the pool remembers the
-committed length L and the draft length k of the step it proposed, so n = min(valid_len - L, k)
-tokens were accepted. Under the model above the likelihood of that outcome is a^n (1 - a) if
-n < k, a^k if n == k, so a Beta(w * a_0, w * (1 - a_0)) prior stays conjugate and the estimate is
-the posterior mean
-
-    a = (w * a_0 + accepted) / (w + accepted + rejected)
-
-counting accepted draft tokens and rejections (at most one per step). Prior means a_0: 0.6 for a
-model drafter (the calibrated pair's measured per-token rate when the Engine has a profile), and
-0.25 / 0.45 / 0.65 for 1 / 2 / >= 3-token n-gram matches (one-token matches were rolled back in
-76% of steps on real models). The prior weight w = 4 pseudo-tokens: one unlucky step cannot flip a
-choice, four steps of evidence outweigh it. Evidence is discounted by ``forget`` = 0.98 per step,
-so an estimate tracks the current regime and a drafter abandoned after rejections drifts back to
-its prior and is retried now and then (about every 15 steps with the fallback costs) instead of
-never.
-
-``skip_entropy`` (calibrated per pair; 1.0 = never) is kept as a veto on the model drafters: while
-an exponential moving average (``ema``) of their first draft token's normalised entropy is above
-it, no model drafter is considered. The goodput rule learns the same from rejections, but only
-after paying for them; the entropy reacts to a "reasoning" regime at once.
+The options of a step are no draft, prompt lookup (free, only when the sequence's last n-gram
+recurs) and each model drafter at its cost per drafted token. Each is priced at its best draft
+length by policies/cost.best_draft under a per-token acceptance estimate, learned per request as a
+Beta posterior with discounted evidence (`Acceptance`); prompt lookup keeps one estimate per
+matched n-gram length. An entropy veto (`skip_entropy`) keeps the model drafters out of
+"reasoning" regimes. docs/method.md ("Drafters") gives the formulas and the reason for every
+constant below.
 
 Whatever is chosen, verification is unchanged, so lossless methods stay lossless under any
 selection sequence (tests/test_pool.py forces random choices through the ``select`` hook).
@@ -55,11 +20,9 @@ from dataclasses import dataclass
 
 import torch
 
-from adaspec.config import SamplingConfig, SpecConfig
-from adaspec.drafters.base import Drafter
+from adaspec.drafters.base import DraftContext, Drafter
 from adaspec.drafters.ngram import NGramDrafter
-from adaspec.policies.cost import best_draft, fallback_target_cost, monotone
-from adaspec.policies.length import LengthPolicy
+from adaspec.policies.cost import best_draft, cost_table, fallback_target_cost
 from adaspec.records import Draft
 
 MODEL_PRIOR = 0.6  # prior mean acceptance of a model drafter without a profile
@@ -70,7 +33,9 @@ FORGET = 0.98  # per-step discount of the evidence (memory of about 50 steps)
 
 @dataclass
 class Acceptance:
-    """Beta posterior over one per-token acceptance rate a, with discounted evidence."""
+    """Beta posterior over one per-token acceptance rate a, with discounted evidence: its mean is
+    (w * a_0 + accepted) / (w + accepted + rejected), conjugate because a draft of k tokens
+    accepted up to n has likelihood a^n (1 - a) when n < k and a^k when n == k."""
 
     prior: float  # prior mean a_0
     weight: float  # prior pseudo-tokens w
@@ -155,11 +120,11 @@ class DrafterPool:
 
     @property
     def forwards(self) -> int:
-        return sum(getattr(d, "forwards", 0) for d, _ in self.models)
+        return sum(d.forwards for d, _ in self.models)
 
     @property
     def signal_s(self) -> float:
-        return sum(getattr(d, "signal_s", 0.0) for d, _ in self.models)
+        return sum(d.signal_s for d, _ in self.models)
 
     def estimate(self, key: str) -> float:
         """The current acceptance estimate: a model drafter's name or "ngram:<n>"."""
@@ -176,7 +141,7 @@ class DrafterPool:
 
     def _cost(self, n: int) -> float:
         if n >= len(self._t):  # costs up to n + 8 at once, so a step rarely extends the table
-            self._t = [0.0] + monotone([float(self.target_ms(m)) for m in range(1, n + 9)])
+            self._t = cost_table(self.target_ms, n + 8)
         return self._t[n]
 
     def _price(self, name: str, key: str, limit: int, drafter_cost: float) -> Option:
@@ -201,15 +166,14 @@ class DrafterPool:
         for d in self._drafters():
             d.begin(prompt)
 
-    def propose(self, seq: torch.Tensor, max_k: int, policy: LengthPolicy, sampling: SamplingConfig,
-                spec: SpecConfig, generator: torch.Generator | None) -> Draft:
+    def propose(self, seq: torch.Tensor, max_k: int, ctx: DraftContext) -> Draft:
         opts, cont = self.options(seq, max_k)
         self.last_options = opts
         choice = self.select(opts) if self.select is not None else max(opts, key=lambda o: o.goodput)
         k = min(max(choice.k, 0), choice.limit)
         if k and choice.name != "ngram":
             drafter = next(d for d, _ in self.models if d.name == choice.name)
-            draft = drafter.propose(seq, k, policy, sampling, spec, generator)
+            draft = drafter.propose(seq, k, ctx)
             if draft.signals:
                 h = float(draft.signals[0].entropy)  # host sync: one scalar per step
                 self.regime_entropy = self.ema * self.regime_entropy + (1 - self.ema) * h

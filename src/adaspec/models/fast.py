@@ -9,20 +9,14 @@ see, exactly the call a one-token step makes, so each row's logits are bit-ident
 are split into forwards (what models/invariant.py gives transformers); a long forward (prefill) in
 one causal SDPA call.
 
-Why a drafter runs on it: a one-token int8 forward of the 0.5B drafter spends about half its time
-outside the matrix kernels (torch.profiler: 17 of 34 ms in the int8 linear kernels), much of it in
-the per-call work of `Int8Linear` (the input's range, its quantisation, the rescale). Here the int8
-projections that read the same input are fused into one call (q, k, v; gate, up: bit-identical,
-`fuse_int8`), and with ``exact_rows=False`` every int8 layer becomes one fbgemm dynamic-quantisation
-call (`DynamicInt8Linear`). A drafter's numbers only steer proposals, never what is committed, so
-this is free of any quality cost. Measured on this project's 2-core CPU (0.5B int8 drafter,
-200-token context, median of 30 interleaved forwards, nothing else running; `python
-bench/drafter_runtime.py`): one new token 37.6 ms through transformers, 32.2 ms fused, 29.0 ms
-fused and dynamic; five new tokens 47.3, 46.8 and 41.1 ms.
-
-Why the target stays on transformers: at full depth with exact rows this runtime was not faster
-(1.5B int8, median of 12 while a test job shared the CPU: 76.0 vs 77.8 ms for one token, 99.5 vs
-91.3 ms for five), so it brings nothing there.
+Why a drafter runs on it: much of a one-token int8 forward of a small model is spent outside the
+matrix kernels, in the per-call work of `Int8Linear` (the input's range, its quantisation, the
+rescale). Here the int8 projections that read the same input are fused into one call (q, k, v;
+gate, up: bit-identical, `fuse_int8`), and with ``exact_rows=False`` every int8 layer becomes one
+fbgemm dynamic-quantisation call (`DynamicInt8Linear`). A drafter's numbers only steer proposals,
+never what is committed, so this is free of any quality cost. The target stays on transformers: at
+full depth with exact rows this runtime was not faster. The measurements behind both choices are
+in docs/method.md ("Drafter runtime").
 
 ``n_layers=n`` gives a drafter that runs only the first n layers, then the final norm and the LM
 head, sharing every weight with the full model (its own cache; no extra weight memory).

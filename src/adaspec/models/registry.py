@@ -359,8 +359,8 @@ def resolve(source: str, *, auto_pull: bool = False, progress: bool = True) -> R
                        f"{PRESETS['qwen2.5-coder-0.5b'].hub_id}")
 
 
-def load(source: str, *, dtype: torch.dtype = torch.float32, device: str = "cpu", auto_pull: bool = True,
-         convert_cache: bool = True, threads: int | None = None, progress: bool = True):
+def load_pretrained(source: str, *, dtype: torch.dtype = torch.float32, device: str = "cpu", auto_pull: bool = True,
+                    convert_cache: bool = True, threads: int | None = None, progress: bool = True):
     """Resolve `source` and load it; returns `(adapter, tokenizer)` as `adaspec.models.hf.load_hf` does.
 
     GGUF weights are de-quantised once and kept as safetensors in the cache (see convert_cache);

@@ -1,18 +1,18 @@
 """Draft-length and verification-threshold policies."""
 
+from adaspec.policies.base import LengthPolicy
 from adaspec.policies.length import (
     CMASDLength,
     ConfidenceStop,
     EntropyThreshold,
     FixedK,
     Heuristic,
-    LengthPolicy,
     NoDraft,
     make_length_policy,
 )
-from adaspec.policies.threshold import confidence_tau, entropy_tau, taus_for
+from adaspec.policies.threshold import ThresholdPolicy, confidence_tau, entropy_tau, make_threshold_policy
 
 __all__ = [
     "CMASDLength", "ConfidenceStop", "EntropyThreshold", "FixedK", "Heuristic", "LengthPolicy",
-    "NoDraft", "make_length_policy", "confidence_tau", "entropy_tau", "taus_for",
+    "NoDraft", "ThresholdPolicy", "make_length_policy", "confidence_tau", "entropy_tau", "make_threshold_policy",
 ]

@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from adaspec.config import SpecConfig
-from adaspec.policies.length import LengthPolicy
+from adaspec.policies.base import LengthPolicy
 from adaspec.records import Signals
 
 # Uncalibrated costs, relative to a one-token target forward: a drafter a quarter of the target's
@@ -33,11 +33,11 @@ FALLBACK_DRAFTER = 0.25
 FALLBACK_GROWTH = 0.10
 
 
-def goodput(p_all: list[float], drafter_ms: float, target_ms: Callable[[int], float]) -> float:
-    """Expected committed tokens per ms of a step whose k = len(p_all) drafts are all accepted with
-    probabilities p_all[j] = P_{j+1} (non-increasing)."""
-    k = len(p_all)
-    return (1.0 + sum(p_all)) / (k * drafter_ms + target_ms(k + 1))
+def goodput(committed: float, k: int, drafter_ms: float, verify_ms: float) -> float:
+    """Expected committed tokens per unit of cost of a step that drafts k tokens at drafter_ms each,
+    verifies them in one target forward of verify_ms = T(k + 1), and commits `committed` tokens in
+    expectation (1 + P_1 + ... + P_k)."""
+    return committed / (k * drafter_ms + verify_ms)
 
 
 def fallback_target_cost(n: int) -> float:
@@ -54,7 +54,7 @@ def best_draft(accept: float, drafter_ms: float, target_ms: Callable[[int], floa
     for k in range(1, limit + 1):
         p *= accept
         total += p
-        rate = (1.0 + total) / (k * drafter_ms + target_ms(k + 1))
+        rate = goodput(1.0 + total, k, drafter_ms, target_ms(k + 1))
         if rate > best_rate + 1e-12:
             best, best_rate = k, rate
     return best, best_rate
@@ -63,6 +63,12 @@ def best_draft(accept: float, drafter_ms: float, target_ms: Callable[[int], floa
 def best_draft_length(accept: float, drafter_ms: float, target_ms: Callable[[int], float], limit: int = 16) -> int:
     """The k of `best_draft` (at least 1)."""
     return max(best_draft(accept, drafter_ms, target_ms, limit)[0], 1)
+
+
+def cost_table(target_ms: Callable[[int], float], n_max: int) -> list[float]:
+    """[0, T(1), ..., T(n_max)]: the target's cost of 1..n_max new tokens, made non-decreasing
+    (`monotone`) and indexed by n."""
+    return [0.0] + monotone([float(target_ms(n)) for n in range(1, n_max + 1)])
 
 
 def monotone(costs: list[float]) -> list[float]:
@@ -87,7 +93,7 @@ class CostAware(LengthPolicy):
     def __init__(self, accept: Callable[[Signals], float], drafter_ms: float, target_ms: Callable[[int], float],
                  k_min: int, k_max: int):
         self.accept, self.drafter_ms, self.k_min, self.k_max = accept, drafter_ms, k_min, k_max
-        self._t = [0.0] + monotone([float(target_ms(n)) for n in range(1, k_max + 2)])  # _t[n] = T(n)
+        self._t = cost_table(target_ms, k_max + 1)  # _t[n] = T(n)
         self._p, self._sum = 1.0, 0.0  # P_j and sum_{i<=j} P_i of the current draft
 
     def propose_length(self) -> int:
@@ -95,7 +101,7 @@ class CostAware(LengthPolicy):
         return self.k_max
 
     def _rate(self, k: int, total: float) -> float:
-        return (1.0 + total) / (k * self.drafter_ms + self._t[k + 1])
+        return goodput(1.0 + total, k, self.drafter_ms, self._t[k + 1])
 
     def keep_drafting(self, i: int, sig: Signals) -> bool:
         a = min(max(float(self.accept(sig)), 0.0), 1.0)  # host sync: one scalar per drafted token
@@ -113,12 +119,10 @@ class CostAware(LengthPolicy):
                 return True
         return False
 
-    def reset(self) -> None:
-        self._p, self._sum = 1.0, 0.0
-
 
 def make_cost_aware(spec: SpecConfig, profile=None) -> CostAware:
     """The policy from a calibration profile, or on the documented fallbacks without one."""
+    spec = spec.resolved()
     if profile is None:
         return CostAware(lambda s: s.confidence, FALLBACK_DRAFTER, fallback_target_cost,
                          spec.k_min, spec.k_max)

@@ -1,38 +1,13 @@
-"""Draft-length policies: how many tokens to speculate in a step.
-
-A policy is a small object with explicit state. The loop asks it for an upper bound once per step
-(``propose_length``), then, after each drafted token, whether to draft another given that token's
-signals (``keep_drafting``), and finally reports the step's outcome (``update``). Policies never
-touch a model or a shared config.
-
-``keep_drafting`` reads a scalar signal on the host: that one sync per drafted token is deliberate,
-since the decision to stop is made in Python before the next drafter forward.
-"""
+"""Draft-length policies: how many tokens to speculate in a step (the protocol is policies/base.py)."""
 
 from __future__ import annotations
 
 import math
 
 from adaspec.config import SpecConfig
+from adaspec.policies.base import LengthPolicy
+from adaspec.policies.cost import make_cost_aware
 from adaspec.records import Signals, StepOutcome
-
-
-class LengthPolicy:
-    name = "base"
-
-    def propose_length(self) -> int:
-        """The most tokens this step may draft."""
-        raise NotImplementedError
-
-    def keep_drafting(self, i: int, sig: Signals) -> bool:
-        """After drafting token i (0-based) with signals ``sig``: draft token i + 1 as well?"""
-        return True
-
-    def update(self, outcome: StepOutcome) -> None:
-        pass
-
-    def reset(self) -> None:
-        pass
 
 
 class NoDraft(LengthPolicy):
@@ -79,9 +54,6 @@ class Heuristic(LengthPolicy):
             self.k = min(self.k + 2, self.k_max)
         else:
             self.k = max(self.k - 1, 1)
-
-    def reset(self) -> None:
-        self.k = self.start
 
 
 class ConfidenceStop(LengthPolicy):
@@ -134,9 +106,6 @@ class CMASDLength(LengthPolicy):
         self._c_min = min(self._c_min, float(sig.confidence))
         return i + 1 < self.allowed(self._c_min)
 
-    def reset(self) -> None:
-        self._c_min = 1.0
-
 
 class EntropyThreshold(LengthPolicy):
     """The entropy-aware rule: stop drafting when the drafter enters a high-entropy ("reasoning")
@@ -155,8 +124,9 @@ class EntropyThreshold(LengthPolicy):
 
 
 def make_length_policy(spec: SpecConfig, profile=None) -> LengthPolicy:
-    """The policy a spec names; `cost-aware` reads a calibration profile (adaspec.profile.Profile),
-    or falls back to its documented defaults when there is none."""
+    """The policy a resolved spec names; `cost-aware` reads a calibration profile
+    (calibration.profile.Profile), or falls back to its documented defaults when there is none."""
+    spec = spec.resolved()  # knobs still unset get their fallbacks
     kind = spec.length_policy
     if kind == "none":
         return NoDraft()
@@ -171,7 +141,5 @@ def make_length_policy(spec: SpecConfig, profile=None) -> LengthPolicy:
     if kind == "entropy":
         return EntropyThreshold(spec.entropy_threshold, spec.k_min, spec.k_max)
     if kind == "cost-aware":
-        from adaspec.policies.cost import make_cost_aware  # cost.py builds on this module
-
         return make_cost_aware(spec, profile)
     raise ValueError(f"unknown length policy {kind!r}")

@@ -7,14 +7,21 @@
   gamma = 0 recovers a fixed threshold;
 - entropy-tau:    tau_t = tau_base in routine phases, 0 once the drafter's normalised entropy
   exceeds the entropy threshold: verification tightens during "reasoning".
+
+A threshold policy is built once per request (`make_threshold_policy`) and maps a draft's signals
+to its thresholds (k,).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
 from adaspec.config import SpecConfig
 from adaspec.records import Signals
+
+ThresholdPolicy = Callable[[list[Signals]], torch.Tensor]  # a draft's k signals -> taus (k,)
 
 
 def confidence_tau(confidence: torch.Tensor, tau_base: float, gamma: float) -> torch.Tensor:
@@ -27,13 +34,18 @@ def entropy_tau(entropy: torch.Tensor, tau_base: float, threshold: float) -> tor
     return torch.where(entropy <= threshold, torch.full_like(entropy, tau_base), torch.zeros_like(entropy))
 
 
-def taus_for(spec: SpecConfig, signals: list[Signals]) -> torch.Tensor:
-    """The per-token thresholds for a draft, shape (k,)."""
-    if not signals:
-        return torch.zeros(0)
+def make_threshold_policy(spec: SpecConfig) -> ThresholdPolicy:
+    """The thresholds of a resolved spec's verification rule (zeros for the rules without tau)."""
+    spec = spec.resolved()
     rule = spec.verify_rule
-    if rule == "confidence-tau":
-        return confidence_tau(torch.stack([s.confidence for s in signals]), spec.tau_base, spec.gamma)
-    if rule == "entropy-tau":
-        return entropy_tau(torch.stack([s.entropy for s in signals]), spec.tau_base, spec.entropy_threshold)
-    return torch.zeros(len(signals))
+
+    def taus(signals: list[Signals]) -> torch.Tensor:
+        if not signals:
+            return torch.zeros(0)
+        if rule == "confidence-tau":
+            return confidence_tau(torch.stack([s.confidence for s in signals]), spec.tau_base, spec.gamma)
+        if rule == "entropy-tau":
+            return entropy_tau(torch.stack([s.entropy for s in signals]), spec.tau_base, spec.entropy_threshold)
+        return torch.zeros(len(signals))
+
+    return taus

@@ -33,7 +33,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from adaspec.api import Engine, make_config
-from adaspec.config import KNOBS, AdaspecError
+from adaspec.config import SPEC_KNOBS, AdaspecError
 from adaspec.server.metrics import Metrics
 from adaspec.server.schemas import APIError, ChatRequest, CompletionRequest, Kind, chunk_body, response_body
 from adaspec.server.worker import Job, QueueFull, Worker
@@ -192,7 +192,7 @@ class Service:
         except (AdaspecError, TypeError, ValueError) as e:
             raise APIError(400, str(e), param=_param_of(str(e))) from None
         try:
-            self.engine.drafter_for(cfg.spec)  # a method this engine cannot run (no drafter model) is a 400
+            self.engine.prepare(cfg)  # a method this engine cannot run (no drafter model) is a 400
         except AdaspecError as e:
             raise APIError(400, str(e), param="speculation.method") from None
         return method, options
@@ -246,7 +246,7 @@ def _param_of(message: str) -> str | None:
         return "max_tokens"
     if word in ("temperature", "top_p", "top_k", "seed", "stop"):
         return word
-    if word in KNOBS:
+    if word in SPEC_KNOBS:
         return f"speculation.{word}"
     return "speculation.method" if message.startswith("unknown method") else None
 

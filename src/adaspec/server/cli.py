@@ -7,7 +7,7 @@ import ipaddress
 import os
 import sys
 
-from adaspec.cli import add_knob_args, add_model_args, knob_options, load_engine
+from adaspec.cli import add_model_args, add_option_args, load_engine, option_values
 
 
 def register(subparsers) -> None:
@@ -16,7 +16,7 @@ def register(subparsers) -> None:
         description="Load a target and drafter once and serve /v1/completions, /v1/chat/completions, /v1/models, "
                     "/health and /metrics. The generation flags set the defaults of requests that omit them.")
     add_model_args(p)
-    add_knob_args(p)
+    add_option_args(p)
     s = p.add_argument_group("server")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     s.add_argument("--port", type=int, default=8000, help="port (default 8000)")
@@ -41,7 +41,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
     from adaspec.server.app import ServerSettings, create_app
 
     settings = ServerSettings(
-        method=a.method, defaults=knob_options(a), api_key=a.api_key or os.environ.get("ADASPEC_API_KEY") or None,
+        method=a.method, defaults=option_values(a), api_key=a.api_key or os.environ.get("ADASPEC_API_KEY") or None,
         queue_size=a.queue_size, request_timeout=a.request_timeout, max_body_bytes=a.max_body_bytes,
         model_name=a.model_name).validate()  # before loading weights: a typo should not cost a model load
     if not settings.api_key and not _is_loopback(a.host):

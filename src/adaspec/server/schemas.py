@@ -17,7 +17,7 @@ from typing import Any, Literal
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
-from adaspec.config import SpecConfig
+from adaspec.config import SpecConfig, doc
 from adaspec.records import Result
 
 STRICT = ConfigDict(strict=True, allow_inf_nan=False)
@@ -52,12 +52,14 @@ def _speculation_model() -> type[BaseModel]:
     hints = typing.get_type_hints(SpecConfig)
     spec: dict[str, Any] = {}
     for f in dataclasses.fields(SpecConfig):
-        hint = hints[f.name]
-        if typing.get_origin(hint) is tuple:  # lambdas: a JSON list of fixed length
-            args = typing.get_args(hint)
-            spec[f.name] = (list[args[0]] | None, Field(None, min_length=len(args), max_length=len(args)))
+        hint, description = hints[f.name], doc(f)
+        tuples = [a for a in (hint, *typing.get_args(hint)) if typing.get_origin(a) is tuple]
+        if tuples:  # lambdas: a JSON list of fixed length
+            args = typing.get_args(tuples[0])
+            spec[f.name] = (list[args[0]] | None, Field(None, min_length=len(args), max_length=len(args),
+                                                        description=description))
         else:
-            spec[f.name] = (hint | None, None)
+            spec[f.name] = (hint | None, Field(None, description=description))
     return create_model("Speculation", __config__=ConfigDict(extra="forbid", **STRICT), **spec)
 
 

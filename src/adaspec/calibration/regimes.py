@@ -30,7 +30,7 @@ def _points(trace: list[TraceStep]) -> tuple[list[dict], list[dict]]:
     return tokens, steps
 
 
-def plot_trace(trace: list[TraceStep], out: str | Path, *, entropy_threshold: float, title: str = "",
+def plot_regimes(trace: list[TraceStep], out: str | Path, *, entropy_threshold: float, title: str = "",
                acceptance=None) -> Path:
     """Write the trace figure to `out` (PNG by suffix); acceptance: an AcceptanceModel whose
     predicted probability is drawn beside C, or None."""

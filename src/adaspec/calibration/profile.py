@@ -7,24 +7,24 @@ A profile holds
   the target accepts a draft token given that every earlier token of its draft was accepted;
 - the knobs it implies: lambdas = w / sum(w), the entropy threshold of the "reasoning" regime,
   the drafter pool's skip_entropy;
-- the measured cost model (costmodel.CostModel) of the pair on the calibration machine;
+- the measured cost model (calibration.cost.CostModel) of the pair on the calibration machine;
 - goodness-of-fit figures on the calibration, held-out and transfer prompts, and what data and
   settings produced them. docs/calibration.md explains every field.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from adaspec.config import CALIBRATED_METHODS, AdaspecError, SpecConfig
-from adaspec.costmodel import CostModel
+from adaspec.calibration.cost import CostModel
+from adaspec.calibration.identity import identity_mismatch
+from adaspec.config import AdaspecError
+from adaspec.policies.cost import best_draft_length
 
 PROFILE_VERSION = 1
 SIGNAL_NAMES = ("c_ent", "c_logit", "c_soft")  # order of AcceptanceModel.weights and of lambdas
@@ -62,7 +62,8 @@ class Profile:
     version: int = PROFILE_VERSION
 
     def knobs(self) -> dict:
-        """The SpecConfig knobs this profile calibrates."""
+        """The SpecConfig knobs this profile calibrates (plan.resolve_knobs gives them to the
+        calibrated methods wherever a request leaves them unset)."""
         knobs = {"lambdas": tuple(self.lambdas), "entropy_threshold": self.entropy_threshold,
                  "skip_entropy": self.skip_entropy}
         k_max = self.cost_k_max()
@@ -78,14 +79,12 @@ class Profile:
         drafter_ms = self.cost.drafter_ms_per_token
         if drafter_ms is None or not self.cost.target_ms:
             return None
-        from adaspec.policies.cost import best_draft_length
-
         accept = float(self.acceptance.prob(1.0, 1.0, 1.0))
         return best_draft_length(accept, drafter_ms, self.cost.target_cost, limit)
 
     def to_json(self) -> str:
         d = asdict(self)
-        d["cost"]["target_ms"] = {str(n): ms for n, ms in self.cost.target_ms.items()}  # JSON keys are strings
+        d["cost"] = self.cost.to_dict()
         return json.dumps(d, indent=1) + "\n"
 
     @classmethod
@@ -95,10 +94,7 @@ class Profile:
             if d.get("version") != PROFILE_VERSION:
                 raise AdaspecError(f"{source} is a version {d.get('version')!r} profile; this adaspec reads version "
                                    f"{PROFILE_VERSION}: run `adaspec calibrate` again")
-            c = d["cost"]
-            cost = CostModel(target_ms={int(n): ms for n, ms in c["target_ms"].items()},
-                             drafter_ms_per_token=c.get("drafter_ms_per_token"), machine=c.get("machine", ""),
-                             threads=int(c.get("threads", 0)))
+            cost = CostModel.from_dict(d["cost"])
             a = d["acceptance"]
             return cls(target=d["target"], drafter=d["drafter"],
                        acceptance=AcceptanceModel(float(a["intercept"]), tuple(map(float, a["weights"]))),
@@ -139,70 +135,3 @@ class Profile:
 
 def load_profile(profile: "Profile | str | Path | None") -> Profile | None:
     return Profile.load(profile) if isinstance(profile, (str, Path)) else profile
-
-
-def model_identity(adapter, name: str | None = None) -> dict:
-    """What identifies a model for a profile: name, vocabulary, registry sha256, weight fingerprint."""
-    name = name or adapter.name
-    sha = None
-    try:
-        from adaspec.models.registry import PRESETS
-
-        sha = PRESETS[name].sha256 if name in PRESETS else None
-    except ImportError:  # the registry's optional dependencies are missing: names still identify presets
-        pass
-    from adaspec.models.quant import is_quantized
-
-    return {"name": name, "vocab_size": int(adapter.vocab_size), "sha256": sha,
-            "fingerprint": weights_fingerprint(adapter), "quantized": is_quantized(adapter)}
-
-
-def weights_fingerprint(adapter, samples: int = 1024) -> str | None:
-    """sha256 over every tensor's name, shape, dtype and a strided sample of its values (fast even for
-    billions of weights); None when the adapter exposes no torch model. dtype and quantisation change it."""
-    model = getattr(adapter, "model", None)
-    if not isinstance(model, torch.nn.Module):
-        return None
-    h = hashlib.sha256()
-    for name, t in model.state_dict().items():
-        if not isinstance(t, torch.Tensor):
-            continue
-        h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
-        flat = t.detach().reshape(-1)
-        sample = flat[:: max(1, flat.numel() // samples)][:samples].contiguous().cpu()
-        h.update(sample.view(torch.uint8).numpy().tobytes() if sample.numel() else b"")
-    return h.hexdigest()
-
-
-def identity_mismatch(expected: dict, got: dict) -> str | None:
-    """Why two identities name different models, or None. The weights' fingerprint decides where
-    both have one; else the pinned sha256; else the name."""
-    if expected.get("vocab_size") != got.get("vocab_size"):
-        return f"vocabulary {got.get('vocab_size')} instead of {expected.get('vocab_size')}"
-    if expected.get("fingerprint") and got.get("fingerprint"):
-        if expected.get("quantized") != got.get("quantized"):
-            return ("int8-quantised, the profile's model was not" if got.get("quantized")
-                    else "not int8-quantised, the profile's model was: add --quant int8")
-        if expected["fingerprint"] != got["fingerprint"]:
-            return "different weights or dtype"
-        return None
-    if expected.get("sha256") and got.get("sha256"):
-        return None if expected["sha256"] == got["sha256"] else "different sha256"
-    return None if expected.get("name") == got.get("name") else "different name"
-
-
-def calibrated_spec(spec: SpecConfig, profile: Profile | None, *, warn: bool = True) -> SpecConfig:
-    """The knobs a request runs with. Calibrated methods take lambdas, entropy_threshold and
-    skip_entropy from the profile wherever the request leaves them at their built-in defaults (an
-    explicit other value wins, e.g. in a sweep); every other method ignores the profile."""
-    if spec.method not in CALIBRATED_METHODS:
-        return spec
-    if profile is None:
-        if warn:
-            warnings.warn(f"method {spec.method!r} is running without a calibration profile, on built-in "
-                          "fallbacks (docs/calibration.md); run `adaspec calibrate` for this pair and pass "
-                          "--profile (or profile= to adaspec.load)", UserWarning, stacklevel=3)
-        return spec
-    default = SpecConfig()
-    changes = {k: v for k, v in profile.knobs().items() if getattr(spec, k) == getattr(default, k)}
-    return spec.with_(**changes)

@@ -2,25 +2,22 @@
 
 Speculative decoding pays one target forward over k+1 positions per step instead of one forward
 per token. Whether a longer draft pays off depends on how that forward's time grows with the
-number of new tokens n: on a GPU it is nearly flat, on a CPU in float32 it roughly doubles from
-n=1 to n=2, with int8 weights it stays nearly flat up to n=4..8. `forward_cost` measures it on the
-machine at hand; `CostModel.cost_ratio(n)` = target_ms[n] / target_ms[1] is what the cost-aware
-policies read.
+number of new tokens n, which differs between machines and precisions (docs/results hold the
+measured curves). `forward_cost` measures it on the machine at hand; `CostModel.target_cost(n)` is
+what the cost-aware policies and the drafter pool read.
 
 The measurement uses whatever thread count torch is set to (it never changes it) and records it.
 """
 
 from __future__ import annotations
 
-import json
-import platform
 import statistics
 import time
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 
+from adaspec.calibration.identity import device_name
 from adaspec.config import AdaspecError
 from adaspec.models.base import ModelAdapter
 
@@ -53,24 +50,15 @@ class CostModel:
         (n0, t0), (n1, t1) = points[-2:]
         return max(t1, t1 + (t1 - t0) * (n - n1) / (n1 - n0))  # never cheaper than the last point
 
-    def cost_ratio(self, n: float) -> float:
-        """target_cost(n) / target_cost(1): how many one-token forwards a forward over n is worth."""
-        return self.target_cost(n) / self.target_ms[1]
-
-    def save(self, path: str | Path) -> None:
-        data = asdict(self)
-        data["target_ms"] = {str(n): ms for n, ms in self.target_ms.items()}  # JSON keys are strings
-        Path(path).write_text(json.dumps(data, indent=1) + "\n")
+    def to_dict(self) -> dict:
+        return {"target_ms": {str(n): ms for n, ms in self.target_ms.items()},  # JSON keys are strings
+                "drafter_ms_per_token": self.drafter_ms_per_token, "machine": self.machine, "threads": self.threads}
 
     @classmethod
-    def load(cls, path: str | Path) -> "CostModel":
-        try:
-            data = json.loads(Path(path).read_text())
-            return cls(target_ms={int(n): ms for n, ms in data["target_ms"].items()},
-                       drafter_ms_per_token=data.get("drafter_ms_per_token"),
-                       machine=data.get("machine", ""), threads=int(data.get("threads", 0)))
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise AdaspecError(f"could not read a cost model from {path}: {e}") from e
+    def from_dict(cls, d: dict) -> "CostModel":
+        return cls(target_ms={int(n): ms for n, ms in d["target_ms"].items()},
+                   drafter_ms_per_token=d.get("drafter_ms_per_token"), machine=d.get("machine", ""),
+                   threads=int(d.get("threads", 0)))
 
 
 def forward_cost(adapter: ModelAdapter, prompt_len: int = 200, new_tokens=(1, 2, 4, 8, 16),
@@ -106,22 +94,18 @@ def forward_cost(adapter: ModelAdapter, prompt_len: int = 200, new_tokens=(1, 2,
     return out
 
 
-def machine_name() -> str:
-    """The CPU model name (from /proc/cpuinfo where there is one), else what platform reports."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+def fitting_prompt_len(adapter: ModelAdapter, prompt_len: int, new_tokens=(1, 2, 4, 8, 16)) -> int:
+    """prompt_len, shortened where the model's context cannot hold it plus the longest forward."""
+    limit = adapter.max_length
+    return prompt_len if limit is None else max(1, min(prompt_len, limit - max(new_tokens)))
 
 
 def measure(target: ModelAdapter, drafter: ModelAdapter | None = None, *, prompt_len: int = 200,
             new_tokens=(1, 2, 4, 8, 16), repeats: int = 5) -> CostModel:
-    """A CostModel for this target (and drafter) on this machine, at torch's current thread count."""
+    """A CostModel for this target (and drafter) on this machine, at torch's current thread count,
+    after a prompt of prompt_len (shortened to fit a short context, `fitting_prompt_len`)."""
+    new_tokens = tuple(new_tokens)
+    prompt_len = fitting_prompt_len(target, prompt_len, new_tokens)
     target_ms = forward_cost(target, prompt_len, new_tokens, repeats)
     drafter_ms = forward_cost(drafter, prompt_len, (1,), repeats)[1] if drafter is not None else None
-    device = torch.device(target.device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else machine_name()
-    return CostModel(target_ms, drafter_ms, name, torch.get_num_threads())
+    return CostModel(target_ms, drafter_ms, device_name(target.device), torch.get_num_threads())

@@ -1,7 +1,7 @@
 """Throughput and time to first token of a running `adaspec serve`, with 1..N concurrent clients.
 
     adaspec serve --quant int8 --threads 2 &          # loopback only
-    python bench/server_load.py --clients 1 4 --requests 4 --max-tokens 64
+    python experiments/server_load.py --clients 1 4 --requests 4 --max-tokens 64
 
 Each client sends streamed chat completions one after another; the script prints, per concurrency
 level, the time to first token (median, max), the mean request latency and the aggregate

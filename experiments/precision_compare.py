@@ -1,6 +1,6 @@
 """float32 and int8 side by side: the same prompts, methods and machine, one command.
 
-    python bench/precision_compare.py --out docs/results/precision-compare \
+    python experiments/precision_compare.py --out docs/results/precision-compare \
         --ids spec-bench/81,spec-bench/91,... --profile docs/results/profile-qwen2.5-coder-int8.json
 
 Runs `adaspec bench` twice, one after the other (never at once: two torch jobs on a small CPU slow
@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 from adaspec.bench.report import Run, machine_line
-from adaspec.costmodel import CostModel
+from adaspec.calibration.cost import CostModel
 
 FLOAT32_METHODS = "ar,hf-ar,hf-assisted,fixed-k4,cmasd,cost-aware,ngram"
 INT8_METHODS = "ar,hf-ar,hf-assisted,fixed-k4,cmasd,entropy-calibrated,cost-aware,multi-draft-calibrated,ngram"
@@ -60,7 +60,7 @@ def cost_ratio(run: Run) -> str:
     if not cm:
         return "—"
     model = CostModel({int(n): ms for n, ms in cm["target_ms"].items()}, cm.get("drafter_ms_per_token"), "", 0)
-    return f"{model.cost_ratio(5):.2f}x (1 token {model.target_cost(1):.1f} ms; drafter {cm.get('drafter_ms_per_token') or 0:.1f} ms/token)"
+    return f"{model.target_cost(5) / model.target_cost(1):.2f}x (1 token {model.target_cost(1):.1f} ms; drafter {cm.get('drafter_ms_per_token') or 0:.1f} ms/token)"
 
 
 def render(runs: dict[str, Run], command: str) -> str:
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--int8-methods", default=INT8_METHODS)
     p.add_argument("--report-only", action="store_true", help="only rewrite report.md from finished runs")
     a = p.parse_args(argv)
-    command = shlex.join(["python", "bench/precision_compare.py"] + (argv if argv is not None else sys.argv[1:]))
+    command = shlex.join(["python", "experiments/precision_compare.py"] + (argv if argv is not None else sys.argv[1:]))
     runs = {}
     for precision in ("float32", "int8"):
         out = Path(a.out) / precision if a.report_only else bench(precision, a)

@@ -1,9 +1,9 @@
 """float32 vs int8 on CPU: forward cost, greedy agreement, perplexity, and losslessness of speculation.
 
-    python bench/quant_report.py --out docs/results/quant-cpu.md
+    python experiments/quant_report.py --out docs/results/quant-cpu.md
 
 For each model (target and drafter): forward ms for n new tokens after a 200-token prompt
-(`adaspec.costmodel.forward_cost`, median of --repeats), greedy output of int8 against float32 on
+(`adaspec.calibration.cost.forward_cost`, median of --repeats), greedy output of int8 against float32 on
 a few chat prompts (share of identical tokens, common-prefix length), and perplexity on a held
 paragraph. For the target, int8 with the LM head kept in float32 too. Finally greedy speculative
 decoding with the int8 pair against greedy autoregressive decoding of the int8 target (must be
@@ -13,17 +13,20 @@ identical). Prints a markdown report with the command line and machine, and writ
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import shlex
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 
 from adaspec.api import make_config
-from adaspec.costmodel import CostModel, forward_cost, machine_name
+from adaspec.calibration.cost import CostModel, forward_cost
+from adaspec.calibration.identity import machine_name
 from adaspec.decode import generate_ids
 from adaspec.drafters.model import ModelDrafter
 from adaspec.models.quant import activation_levels, quantize_adapter
@@ -66,12 +69,10 @@ guessed the cargo right more often than chance would allow, which she found hard
 def load(name: str, dtype: torch.dtype):
     """(adapter, tokenizer) through the registry (converted cache), else straight from the GGUF."""
     try:
-        from adaspec.models.registry import load as registry_load
+        from adaspec.models.registry import load_pretrained as registry_load
 
         return registry_load(name, dtype=dtype)
     except ImportError:
-        from pathlib import Path
-
         from adaspec.models.hf import load_hf
 
         folder = Path.home() / ".cache" / "adaspec" / name
@@ -268,7 +269,8 @@ def main() -> None:
         t_ms = next(r["ms"] for r in rows if r["model"] == args.target and r["label"] == "int8")
         d_ms = next((r["ms"][1] for r in rows if r["model"] == args.drafter and r["label"] == "int8"
                      and 1 in r["ms"]), None)
-        CostModel(t_ms, d_ms, machine_name(), torch.get_num_threads()).save(args.cost_json)
+        cost = CostModel(t_ms, d_ms, machine_name(), torch.get_num_threads())
+        Path(args.cost_json).write_text(json.dumps(cost.to_dict(), indent=1) + "\n")
     print(text)
     if args.out:
         with open(args.out, "w") as f:

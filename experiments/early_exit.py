@@ -1,6 +1,6 @@
 """Is the target's own first layers a usable drafter? Agreement and cost of early-exit drafters.
 
-    python bench/early_exit.py --quant int8 --out docs/results/early-exit.md
+    python experiments/early_exit.py --quant int8 --out docs/results/early-exit.md
 
 For a few chat prompts the target generates a greedy continuation; then, teacher-forced on that
 text, each early-exit drafter (the target's first n layers, its final norm and LM head, no extra
@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from adaspec.api import early_exit_drafter, load_model
-from adaspec.costmodel import machine_name
+from adaspec.calibration.identity import machine_name
 
 PROMPTS = [
     "Write a Python function that checks whether a string is a palindrome.",
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     cost[a.drafter] = ms_per_token(small, ids, a.repeats)
     target_ms = ms_per_token(target, ids, a.repeats)
     share = {f"first {n} layers": s for n, (_, s) in exits.items()}
-    command = shlex.join(["python", "bench/early_exit.py"] + (argv if argv is not None else sys.argv[1:]))
+    command = shlex.join(["python", "experiments/early_exit.py"] + (argv if argv is not None else sys.argv[1:]))
     lines = [f"# Early-exit drafters of {a.target} ({a.quant or 'float32'})", "", f"Command: `{command}`", "",
              f"Machine: {machine_name()}, torch threads {a.threads}. {len(PROMPTS)} chat prompts (code, "
              f"explanation, arithmetic), {a.new_tokens} greedy target tokens each; agreement = top-1 equal to "

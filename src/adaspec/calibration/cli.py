@@ -7,7 +7,7 @@ import json
 import sys
 from collections import defaultdict
 
-from adaspec.cli import add_knob_args, add_model_args, knob_options, load_engine
+from adaspec.cli import add_model_args, add_option_args, load_engine, option_values
 from adaspec.config import AdaspecError
 
 
@@ -43,7 +43,7 @@ def register(sub) -> None:
                                    "drafter used and k.")
     t.add_argument("--prompt", required=True, help="prompt text, or - to read it from standard input")
     add_model_args(t)
-    add_knob_args(t)  # includes --profile
+    add_option_args(t)  # includes --profile
     t.add_argument("--raw", action="store_true", help="send the prompt as raw text, without the chat template")
     t.add_argument("--out", default="trace.png", help="image to write (default trace.png)")
     t.add_argument("--json", default=None, metavar="PATH", help="also write the trace and stats as JSON")
@@ -80,7 +80,7 @@ def cmd_calibrate(a: argparse.Namespace) -> int:
     import torch
 
     from adaspec.bench.runner import prompt_text
-    from adaspec.calibrate import calibrate
+    from adaspec.calibration.fit import calibrate
 
     if a.limit is not None and a.limit < 1:
         raise AdaspecError("--limit must be >= 1")
@@ -120,24 +120,21 @@ def summary(profile) -> str:
 
 
 def cmd_trace(a: argparse.Namespace) -> int:
-    from adaspec.profile import calibrated_spec
-    from adaspec.trace_plot import plot_trace
+    from adaspec.calibration.regimes import plot_regimes
 
     prompt = sys.stdin.read() if a.prompt == "-" else a.prompt
     engine = load_engine(a)
-    opts = knob_options(a)
-    r = engine.generate(prompt, method=a.method, trace=True, **opts)
+    opts = option_values(a)
+    method = a.method
+    r = engine.generate(prompt, method=method, trace=True, **opts)
     if r.trace is None or not r.trace:
-        raise AdaspecError(f"method {a.method!r} produced no trace (plain decoding has no drafts)")
-    from adaspec.api import make_config
-
-    spec = calibrated_spec(make_config(a.method, **opts).spec, engine.profile, warn=False)
+        raise AdaspecError(f"method {method!r} produced no trace (plain decoding has no drafts)")
     profile = engine.profile
     s = r.stats
-    title = (f"{engine.target_name} + {engine.drafter_name}, {a.method}\n{s.new_tokens} tokens, "
+    title = (f"{engine.target_name} + {engine.drafter_name}, {method}\n{s.new_tokens} tokens, "
              f"{s.mean_accepted:.2f} per target forward, acceptance {s.acceptance_rate:.0%}")
-    out = plot_trace(r.trace, a.out, entropy_threshold=spec.entropy_threshold, title=title,
-                     acceptance=profile.acceptance if profile is not None else None)
+    out = plot_regimes(r.trace, a.out, entropy_threshold=r.spec.entropy_threshold, title=title,
+                       acceptance=profile.acceptance if profile is not None else None)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(r.to_dict(), f, indent=1)

@@ -1,6 +1,6 @@
 """One model, three runtimes, forwards interleaved: what a drafted token costs on each.
 
-    python bench/drafter_runtime.py qwen2.5-coder-0.5b --reps 30
+    python experiments/drafter_runtime.py qwen2.5-coder-0.5b --reps 30
 
 Loads the model in int8 and times one forward over 1 and 5 new tokens after a 200-token context,
 rolled back after each, alternating between transformers' forward (`hf`), adaspec's runtime with
@@ -18,7 +18,7 @@ import torch
 
 from adaspec.models.fast import FastDecoder
 from adaspec.models.quant import quantize_adapter
-from adaspec.models.registry import load
+from adaspec.models.registry import load_pretrained
 
 
 def main() -> None:
@@ -28,7 +28,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
-    hf, tok = load(a.model)
+    hf, tok = load_pretrained(a.model)
     quantize_adapter(hf, "int8")
     runtimes = {"hf": hf, "fast": FastDecoder(hf.model, a.model), "dyn": FastDecoder(hf.model, a.model, exact_rows=False)}
     ids = torch.tensor(tok.encode('def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n' * 12))[:200]

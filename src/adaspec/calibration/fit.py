@@ -30,10 +30,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from adaspec.calibration.cost import CostModel, measure
+from adaspec.calibration.identity import model_identity
+from adaspec.calibration.profile import AcceptanceModel, Profile
 from adaspec.config import AdaspecError
-from adaspec.costmodel import CostModel, measure
-from adaspec.policies.cost import monotone
-from adaspec.profile import AcceptanceModel, Profile, model_identity
+from adaspec.policies.cost import cost_table, goodput
 
 FEATURES = ("c_ent", "c_logit", "c_soft")
 
@@ -203,7 +204,7 @@ def fit_skip_entropy(first_entropy: torch.Tensor, n_accepted: torch.Tensor, k: t
     if s == 0:
         return 1.0, []
     d = cost.drafter_ms_per_token or 0.0
-    t = [0.0] + monotone([cost.target_cost(n) for n in range(1, int(k.max()) + 2)])  # t[n] = T(n)
+    t = cost_table(cost.target_cost, int(k.max()) + 1)  # t[n] = T(n)
     ar = 1.0 / t[1]
     nb = max(1, min(bins, s // min_steps))
     edges = torch.quantile(first_entropy, torch.linspace(0, 1, nb + 1, dtype=torch.float64)).tolist()
@@ -214,7 +215,7 @@ def fit_skip_entropy(first_entropy: torch.Tensor, n_accepted: torch.Tensor, k: t
         if not bool(m.any()):
             continue
         k_max = int(k[m].min())
-        rates = [(1 + float(n_accepted[m].clamp(max=j).double().mean())) / (j * d + t[j + 1])
+        rates = [goodput(1 + float(n_accepted[m].clamp(max=j).double().mean()), j, d, t[j + 1])
                  for j in range(1, k_max + 1)]
         best = max(range(k_max), key=rates.__getitem__)
         table.append({"lo": lo, "hi": hi, "steps": int(m.sum()), "mean_accepted": float(n_accepted[m].double().mean()),
@@ -309,9 +310,7 @@ def calibrate(engine, records, *, max_new_tokens: int = 64, k_max: int = 8, held
     youden = youden_threshold(clog.entropy[fit_mask], ~clog.accepted[fit_mask])
     if cost is None:
         log("measuring the cost model ...")
-        limit = engine.target.max_length
-        plen = cost_prompt_len if limit is None else max(1, min(cost_prompt_len, limit - 16))
-        cost = measure(engine.target, engine.drafter.adapter, prompt_len=plen, repeats=cost_repeats)
+        cost = measure(engine.target, engine.drafter, prompt_len=cost_prompt_len, repeats=cost_repeats)
     steps = clog.step_mask(roles["fit"])
     skip, skip_table = fit_skip_entropy(clog.step_entropy[steps], clog.step_accepted[steps], clog.step_k[steps], cost)
     positions = [{"position": i, "n": int((m := fit_mask & (clog.position == i)).sum()),
@@ -336,7 +335,7 @@ def calibrate(engine, records, *, max_new_tokens: int = 64, k_max: int = 8, held
             **(data or {})}
     profile = Profile(
         target=model_identity(engine.target, engine.target_name),
-        drafter=model_identity(engine.drafter.adapter, drafter_name),
+        drafter=model_identity(engine.drafter, drafter_name),
         acceptance=model, lambdas=lambdas_from(model),
         entropy_threshold=min(max(youden["threshold"], 0.0), 1.0) if youden else 0.3, skip_entropy=skip, cost=cost,
         fit=fit, details=details, data=info)

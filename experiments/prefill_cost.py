@@ -1,6 +1,6 @@
 """What a prefill costs with and without logits for every prompt position, interleaved.
 
-    python bench/prefill_cost.py
+    python experiments/prefill_cost.py
 
 Loads the default int8 pair and, for prompts of 100, 500 and 1000 random token ids, times each
 model's prefill through `extend` (logits at every position, as before adaspec's `absorb`) and
@@ -24,7 +24,7 @@ def main() -> None:
     engine = adaspec.load(quant="int8")
     for n in (100, 500, 1000):
         ids = torch.randint(0, 150000, (n,))
-        for name, adapter in (("target", engine.target), ("drafter", engine.drafter.adapter)):
+        for name, adapter in (("target", engine.target), ("drafter", engine.drafter)):
             times: dict[str, list[float]] = {}
             for _ in range(3):
                 for label, fill in (("extend", adapter.extend), ("absorb", lambda x, a=adapter: absorb(a, x))):
