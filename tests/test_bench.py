@@ -250,3 +250,15 @@ def test_bench_cli(tmp_path, capsys):
     assert meta["method_options"]["cmasd-tau:gamma=2"] == {"tau_base": 0.1, "gamma": 2, "max_new_tokens": 8}
     assert main([*args, "--methods", "ar,nope"]) == 2  # unknown names fail before any model loads
     assert "unknown method 'nope'" in capsys.readouterr().err
+
+
+def test_bench_run_options_are_what_the_command_line_gave():
+    from adaspec.bench.cli import run_options
+    from adaspec.cli import build_parser
+
+    parse = lambda *extra: build_parser().parse_args(["bench", "--out", "x", *extra])  # noqa: E731
+    assert run_options(parse()) == {}
+    assert run_options(parse("--k-max", "8", "--tau-base", "0", "--max-new-tokens", "9")) == {"k_max": 8,
+                                                                                             "tau_base": 0.0}
+    assert run_options(parse("--lambdas", "1", "0", "0", "--stop", "a", "--stop", "b")) == {
+        "lambdas": (1.0, 0.0, 0.0), "stop": ("a", "b")}

@@ -287,3 +287,25 @@ def test_trace_command_writes_a_png(calibrated, tmp_path):
     assert rc == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((tmp_path / "t.json").read_text())["trace"]
+
+
+def test_an_explicit_knob_beats_the_profile_from_the_cli(tmp_path, capsys):
+    from adaspec.api import load_model
+
+    target, _ = load_model("tiny", dtype=torch.float64)
+    drafter, _ = load_model("tiny-draft", dtype=torch.float64)
+    profile = make_profile(target, drafter, drafter_ms=0.9, target_name="tiny", drafter_name="tiny-draft")
+    assert profile.knobs()["k_max"] < 8  # an expensive drafter: the profile's best draft is short
+    path = tmp_path / "p.json"
+    profile.save(path)
+    base = ["generate", "def f(x):", "--target", "tiny", "--drafter", "tiny-draft", "--dtype", "float64",
+            "--method", "cost-aware", "--profile", str(path), "--max-new-tokens", "8", "--json", "--no-warmup"]
+
+    def run(*extra):
+        assert main([*base, *extra]) == 0
+        return json.loads(capsys.readouterr().out)["result"]["spec"]
+
+    assert run()["k_max"] == profile.knobs()["k_max"]  # unset: the profile's value
+    assert run("--k-max", "8")["k_max"] == 8  # explicit, even though 8 is the built-in fallback
+    assert run("--k-max", "8", "--entropy-threshold", "0.3")["entropy_threshold"] == 0.3
+    assert run()["entropy_threshold"] == profile.entropy_threshold

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import types
 import typing
 
 from adaspec.config import (GENERATION_KNOBS, SAMPLING_KNOBS, SPEC_KNOBS, AdaspecError, GenerationConfig,
@@ -66,8 +67,8 @@ def _owner(title: str):
 def _flag(name: str, f, hint) -> dict:
     """argparse keywords for one option, from its type hint and metadata."""
     kw: dict = {"default": None, "help": doc(f), "dest": name}
-    args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
-    kind = args[0]
+    optional = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    kind = next(a for a in typing.get_args(hint) if a is not type(None)) if optional else hint
     if name == "method":
         kw["default"] = f.default  # a method is never unset
     if f.metadata["choices"]:
