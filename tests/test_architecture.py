@@ -88,7 +88,7 @@ def test_every_option_given_on_the_command_line_reaches_the_config():
             "--k-max", "7", "--alpha", "0.5", "--confidence-stop", "0.3", "--entropy-threshold", "0.4",
             "--heuristic-start", "3", "--tau-base", "0.1", "--gamma", "2", "--beta", "2", "--typical-eps", "0.2",
             "--typical-delta", "0.4", "--verify", "typical", "--lambdas", "1", "2", "3", "--signal", "logit",
-            "--logit-scale", "1.5", "--max-ngram", "2", "--skip-entropy", "0.7", "--draft-context", "64"]
+            "--logit-scale", "1.5", "--max-ngram", "2", "--min-ngram", "2", "--skip-entropy", "0.7", "--draft-context", "64"]
     a = build_parser().parse_args(argv)
     opts = option_values(a)
     assert set(opts) == {n for n, f in OPTIONS.items() if f.metadata["cli"]} - {"method"}

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from adaspec.api import Engine, make_config
+from adaspec.config import AdaspecError
 from adaspec.decode import generate_ids
 from adaspec.drafters.model import ModelDrafter
 from adaspec.drafters.ngram import NGramDrafter, find_match
@@ -135,3 +136,15 @@ def test_draft_context_is_a_request_knob_and_must_be_positive(pair):
 
     with pytest.raises(AdaspecError, match="draft_context"):
         engine.generate(prompt, method="cmasd", draft_context=-5)
+
+
+def test_min_ngram_knob_drops_short_matches():
+    engine = Engine(tiny_model(seed=0), None)
+    seq = t([7, 4, 5, 7])  # only a one-token match ([7] -> 4)
+    assert engine.prepare(make_config("ngram")).drafter.propose(seq, 4).tokens.tolist() == [4, 5, 7]
+    assert engine.prepare(make_config("ngram", min_ngram=2)).drafter.propose(seq, 4).tokens.tolist() == []
+    with pytest.raises(AdaspecError, match="min_ngram"):
+        make_config("ngram", min_ngram=4)  # longer than max_ngram
+    prompt = [65, 66, 67, 65, 66, 67, 65, 66]
+    ar = engine.generate(prompt, method="ar", max_new_tokens=20, ignore_eos=True).token_ids
+    assert engine.generate(prompt, method="ngram", min_ngram=2, max_new_tokens=20, ignore_eos=True).token_ids == ar

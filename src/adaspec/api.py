@@ -177,7 +177,7 @@ class Engine:
         kind = spec.drafter_kind
         if kind == "none":
             return None
-        ngram = NGramDrafter(self.target.vocab_size, max_ngram=spec.max_ngram)  # stateless: one per request
+        ngram = NGramDrafter(self.target.vocab_size, max_ngram=spec.max_ngram, min_ngram=spec.min_ngram)  # stateless: one per request
         if kind == "ngram":
             return ngram
         if self.drafter is None and not (kind == "pool" and self.extra_drafters):

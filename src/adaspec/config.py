@@ -151,7 +151,8 @@ class SpecConfig:
                        choices=SIGNALS)
     logit_scale: float = knob(2.0, "s in c_logit = 1 - exp(-(l1 - l2) / s)")
     # drafters
-    max_ngram: int = knob(3, "longest n-gram prompt lookup matches (shorter ones are tried down to 1)")
+    max_ngram: int = knob(3, "longest n-gram prompt lookup matches (shorter ones are tried down to min_ngram)")
+    min_ngram: int = knob(1, "shortest n-gram prompt lookup matches")
     skip_entropy: float | None = knob(None, "the pool considers no model drafter while their recent first-token "
                                             "normalised entropy is above this; a profile sets it for calibrated "
                                             "methods", fallback=1.0)
@@ -162,13 +163,14 @@ class SpecConfig:
         _check(self.method in METHODS,
                f"unknown method {self.method!r}; choose one of: {', '.join(METHODS)}")
         s = self.resolved()  # the checks below see the values this config would run with
-        for name in ("k", "k_min", "k_max", "heuristic_start", "beta", "max_ngram"):
+        for name in ("k", "k_min", "k_max", "heuristic_start", "beta", "max_ngram", "min_ngram"):
             v = getattr(s, name)
             _check(isinstance(v, int) and not isinstance(v, bool) and v >= 1,
                    f"{name} must be an integer >= 1, got {v!r}")
         _check(s.draft_context is None or (isinstance(s.draft_context, int) and s.draft_context >= 1),
                f"draft_context must be a positive number of tokens or None, got {s.draft_context!r}")
         _check(s.k_min <= s.k_max, f"k_min ({s.k_min}) must not exceed k_max ({s.k_max})")
+        _check(s.min_ngram <= s.max_ngram, f"min_ngram ({s.min_ngram}) must not exceed max_ngram ({s.max_ngram})")
         _check(s.k_max <= 64, f"k_max must be at most 64, got {s.k_max}")
         _check(s.k <= 64, f"k must be at most 64, got {s.k}")
         _check(0 < s.alpha <= 1, f"alpha must be in (0, 1], got {s.alpha!r}")
