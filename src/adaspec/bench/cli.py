@@ -130,7 +130,7 @@ def _run(a: argparse.Namespace, methods: list[str]):
     from adaspec.bench.runner import run_bench
 
     engine = load_engine(a)
-    exclude = _calibration_ids(getattr(engine, "profile", None))
+    exclude = _calibration_ids(engine.profile)
     records = _records(a, exclude)
     if exclude and not a.quiet:
         print(f"bench: {len(exclude)} calibration prompts of the profile are excluded from evaluation")

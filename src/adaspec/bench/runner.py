@@ -143,7 +143,7 @@ def _start_session(out: Path, engine, records, plan, skipped, options, repeats, 
     settings = {"target": model_info(engine.target, engine.target_name),
                 "drafter": model_info(engine.drafter, engine.drafter_name) if engine.drafter is not None else None,
                 "max_new_tokens": options["max_new_tokens"], "options": _jsonable(options), "chat": engine.chat,
-                "profile": _jsonable(engine.profile.knobs()) if getattr(engine, "profile", None) else None}
+                "profile": _jsonable(engine.profile.knobs()) if engine.profile is not None else None}
     meta = json.loads(path.read_text()) if path.is_file() else {}
     if meta:
         for key in SETTINGS_KEYS:
