@@ -65,13 +65,24 @@ def load_model(source: str | ModelAdapter, *, dtype: torch.dtype = torch.float32
     if quant:
         from adaspec.models.quant import quantize_adapter
 
-        adapter = quantize_adapter(adapter, quant)  # also makes attention row-wise (models/invariant.py)
-        if role == "drafter" and drafter_runtime == "auto":
+        gguf = _gguf_file(source) if quant == "q4k" else None
+        adapter = quantize_adapter(adapter, quant, gguf=gguf)  # also makes attention row-wise (models/invariant.py)
+        if role == "drafter" and drafter_runtime == "auto" and quant == "int8":
             from adaspec.models.fast import FastDecoder, supports
 
             if supports(getattr(adapter, "model", None)) is None:
                 adapter = FastDecoder(adapter.model, adapter.name, exact_rows=False)
     return adapter, tokenizer
+
+
+def _gguf_file(source: str) -> str | None:
+    """The GGUF file a preset or a local .gguf path loads from, else None."""
+    if source in ("tiny", "tiny-draft"):
+        return None
+    from adaspec.models.registry import resolve
+
+    resolved = resolve(source)
+    return str(resolved.gguf_path) if resolved.gguf_file is not None else None
 
 
 def early_exit_drafter(target: ModelAdapter, n_layers: int) -> tuple[ModelDrafter, float]:

@@ -35,9 +35,10 @@ def add_model_args(p: argparse.ArgumentParser, *, drafter: bool = True) -> None:
         p.add_argument("--early-exit", type=int, default=None, metavar="N",
                        help="give multi-draft's pool the target's first N layers as one more drafter")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="weights dtype (default: float32)")
-    p.add_argument("--quant", choices=("int8",), default=None,
-                   help="quantise linear layers for the CPU (int8 dynamic, per-channel): faster, slightly lossy "
-                        "versus float32; speculation stays lossless versus the quantised target")
+    p.add_argument("--quant", choices=("int8", "q4k"), default=None,
+                   help="quantise linear layers for the CPU: int8 (per-channel weights, per-row activations) or "
+                        "q4k (experimental: a GGUF model's own Q4_K weights, int8 for the rest); slightly lossy "
+                        "versus float32, and speculation stays lossless versus the quantised target")
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 

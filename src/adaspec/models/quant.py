@@ -67,7 +67,7 @@ import torch.nn as nn
 from adaspec.config import AdaspecError
 from adaspec.models.base import ModelAdapter
 
-MODES = ("int8",)
+MODES = ("int8", "q4k")
 
 
 @functools.cache
@@ -164,10 +164,13 @@ class DynamicInt8Linear(nn.Module):
         return y if self.bias is None else y.add_(self.bias)
 
 
-def quantize_adapter(adapter: ModelAdapter, mode: str, *, lm_head: bool = True, copy: bool = False) -> ModelAdapter:
+def quantize_adapter(adapter: ModelAdapter, mode: str, *, lm_head: bool = True, copy: bool = False,
+                     gguf: str | None = None) -> ModelAdapter:
     """Quantise the adapter's model (its `.model` attribute) and return the adapter, cache emptied.
 
-    mode: "int8" (CPU only, float32 models only; see the module docstring).
+    mode: "int8" (CPU only, float32 models only; see the module docstring), or "q4k": the linear
+        layers whose weights are Q4_K in the GGUF file `gguf` (the file the model was converted
+        from) compute with those 4-bit weights (models/q4k.py), every other one is int8.
     lm_head: also quantise the output head (the Linear producing the vocab_size logits).
     copy: quantise a deep copy and leave `adapter` untouched (costs the float model's memory once
     more); by default the model is quantised in place and its float32 linear weights are freed.
@@ -192,6 +195,13 @@ def quantize_adapter(adapter: ModelAdapter, mode: str, *, lm_head: bool = True, 
     if copy:
         adapter = _copy.deepcopy(adapter)
         model = adapter.model
+    if mode == "q4k":
+        if gguf is None:
+            raise AdaspecError(f"q4k computes with a GGUF file's own 4-bit weights, and {adapter.name} was not loaded "
+                               "from one: use a preset or a .gguf file, or --quant int8")
+        from adaspec.models.q4k import apply_gguf
+
+        apply_gguf(model, gguf)
     skip = set() if lm_head else set(_head_names(model, adapter.vocab_size))
     # names, not modules: each float Linear is freed as soon as it is swapped out. Exact type:
     # subclasses of nn.Linear may have callers that read their .weight

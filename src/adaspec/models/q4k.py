@@ -1,0 +1,163 @@
+"""Linear layers that compute with a GGUF file's own Q4_K weights (work in progress: not yet wired
+into a model; docs/runtime.md says what is measured and what is missing).
+
+Why: decoding on a CPU reads every weight once per forward, so bytes per weight set the floor of a
+step. ggml's Q4_K stores 256 weights in 144 bytes (4.5 bits each); the int8 path reads 8 bits per
+weight and re-quantises the published 4-bit model, which costs agreement with it.
+
+The format (ggml's block_q4_K, its 12 packed scale bytes unpacked to one byte per scale and min):
+a super-block of 256 inputs holds 8 sub-blocks j of 32 weights with 4-bit values q, 6-bit scales
+sc_j and mins m_j, and two fp16 super-block factors d and dmin:
+
+    W[n, 256 b + 32 j + i] = d * sc_j * q - dmin * m_j
+
+`unpack_q4k` maps the GGUF bytes onto (qs, sc, mn, d, dm) without re-quantising anything: the
+dequantised weights are exactly ggml's (tests compare with the gguf package's dequantiser).
+
+The kernel (kernels/q4k.cpp, built on first use with the machine's C++ compiler): activations are
+quantised to int8 per row and per 256-block (symmetric, round to nearest even), each sub-block's
+integer dot product is exact in int32 (AVX-512 VNNI `vpdpbusd`: unsigned 4-bit weights times signed
+int8 activations), scaled by sc_j, and the blocks are summed in float in a fixed order. A row's
+result depends on that row alone and is computed by the same instructions however many rows a
+forward holds, so a k-row forward is bit-identical to k one-row forwards: the property lossless
+speculation rests on. CPUs without AVX-512 VNNI run a portable loop with the same integer sums.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+import torch
+
+QK = 256
+BLOCK_BYTES = 144  # ggml block_q4_K: d, dmin (fp16), scales[12], qs[128]
+MAX_ROWS = 16  # rows per kernel call; longer forwards (prefill) run in chunks, each row independent
+
+
+@cache
+def kernel():
+    """The compiled extension (built once per machine into torch's extension cache)."""
+    from torch.utils.cpp_extension import load
+
+    src = Path(__file__).with_name("kernels") / "q4k.cpp"
+    return load(name="adaspec_q4k", sources=[str(src)], extra_cflags=["-O3"], verbose=False)
+
+
+def unpack_q4k(raw: np.ndarray) -> dict[str, torch.Tensor]:
+    """GGUF Q4_K rows (N, K/256 * 144) uint8 -> the kernel's tensors qs (N, K/2) uint8, sc and mn
+    (N, K/32) uint8, d and dm (N, K/256) float32."""
+    if raw.dtype != np.uint8 or raw.ndim != 2 or raw.shape[1] % BLOCK_BYTES:
+        raise ValueError(f"Q4_K rows must be (N, K/256 * {BLOCK_BYTES}) uint8, got {raw.shape} {raw.dtype}")
+    n, nb = raw.shape[0], raw.shape[1] // BLOCK_BYTES
+    blocks = raw.reshape(n, nb, BLOCK_BYTES)
+    d = blocks[:, :, 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+    dm = blocks[:, :, 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+    s = blocks[:, :, 4:16].astype(np.uint8)  # (n, nb, 12): ggml's get_scale_min_k4
+    sc = np.empty((n, nb, 8), np.uint8)
+    mn = np.empty((n, nb, 8), np.uint8)
+    sc[..., :4] = s[..., 0:4] & 63
+    mn[..., :4] = s[..., 4:8] & 63
+    sc[..., 4:] = (s[..., 8:12] & 0xF) | ((s[..., 0:4] >> 6) << 4)
+    mn[..., 4:] = (s[..., 8:12] >> 4) | ((s[..., 4:8] >> 6) << 4)
+    qs = np.ascontiguousarray(blocks[:, :, 16:]).reshape(n, nb * 128)
+    return {"qs": torch.from_numpy(qs), "sc": torch.from_numpy(sc.reshape(n, nb * 8)),
+            "mn": torch.from_numpy(mn.reshape(n, nb * 8)), "d": torch.from_numpy(d), "dm": torch.from_numpy(dm)}
+
+
+def dequantize(w: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The float32 weights (N, K) that `unpack_q4k`'s tensors stand for."""
+    n, nb = w["d"].shape
+    q = values(w["qs"]).reshape(n, nb, 8, 32).to(torch.float32)  # (n, nb, j, i)
+    scale = w["d"][..., None] * w["sc"].reshape(n, nb, 8).to(torch.float32)  # (n, nb, j)
+    low = w["dm"][..., None] * w["mn"].reshape(n, nb, 8).to(torch.float32)
+    return (scale[..., None] * q - low[..., None]).reshape(n, nb * QK)
+
+
+def values(qs: torch.Tensor) -> torch.Tensor:
+    """ggml-ordered nibbles (N, K/2) -> the 4-bit values (N, K) uint8 in input order."""
+    n = qs.shape[0]
+    blocks = qs.reshape(n, -1, 4, 32)  # (n, nb, p, l): low nibble element 64p + l, high 64p + 32 + l
+    return torch.stack([blocks & 15, blocks >> 4], dim=3).reshape(n, -1)
+
+
+def pack_tiles(w: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The kernel's layout (kernels/q4k.cpp): tiles of 16 outputs x 8 inputs in 64 bytes, byte 4o + i
+    holding inputs i (low nibble) and 4 + i (high nibble) of output o, and every scale grouped by
+    16 outputs. N must be a multiple of 16."""
+    q = values(w["qs"])
+    n, k = q.shape
+    if n % 16:
+        raise ValueError(f"Q4_K tiles need a multiple of 16 outputs, got {n}")
+    t = q.reshape(n // 16, 16, k // 8, 2, 4).permute(0, 2, 1, 4, 3)  # (tile, g, o, i, half)
+    w4 = (t[..., 0] | (t[..., 1] << 4)).reshape(n // 16, k // 8, 64).contiguous()
+
+    def by16(x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(n // 16, 16, -1).transpose(1, 2).contiguous()
+
+    return {"w4": w4, **{name: by16(w[name]) for name in ("sc", "mn", "d", "dm")}}
+
+
+class Q4KLinear(torch.nn.Module):
+    """y = x W^T (+ bias) with W held as Q4_K; x (..., K) float32 -> (..., N) float32."""
+
+    def __init__(self, weights: dict[str, torch.Tensor], bias: torch.Tensor | None = None, *,
+                 kernel_name: str = "auto"):
+        """weights: `unpack_q4k`'s tensors of one matrix."""
+        super().__init__()
+        self.out_features = weights["qs"].shape[0]
+        self.in_features = weights["qs"].shape[1] * 2
+        for name, t in pack_tiles(weights).items():
+            self.register_buffer(name, t)
+        self.bias = bias
+        self.kernel_name = kernel_name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features).float().contiguous()
+        run = kernel().linear
+        if rows.shape[0] <= MAX_ROWS:
+            out = run(rows, self.w4, self.sc, self.mn, self.d, self.dm, self.kernel_name)
+        else:  # each row is independent, so chunks give the same rows as one call would
+            out = torch.cat([run(rows[i:i + MAX_ROWS].contiguous(), self.w4, self.sc, self.mn, self.d, self.dm,
+                                 self.kernel_name) for i in range(0, rows.shape[0], MAX_ROWS)])
+        if self.bias is not None:
+            out = out + self.bias
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+
+# GGUF tensor names of a Llama-family block -> the transformers module that holds that weight
+GGUF_LINEARS = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+                "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+                "ffn_down": "mlp.down_proj"}
+
+
+def apply_gguf(model: torch.nn.Module, gguf_path: str | Path) -> list[str]:
+    """Replace every linear layer of `model` whose GGUF weight is Q4_K by a Q4KLinear on those very
+    bytes; returns the names replaced. Each replaced weight must equal the model's float weight (the
+    model was converted from the same file), so a file that does not belong to the model is refused."""
+    from gguf import GGMLQuantizationType, GGUFReader
+
+    from adaspec.config import AdaspecError
+
+    replaced = []
+    modules = dict(model.named_modules())
+    for t in GGUFReader(str(gguf_path)).tensors:
+        parts = t.name.split(".")  # blk.N.<kind>.weight
+        if t.tensor_type != GGMLQuantizationType.Q4_K or len(parts) != 4 or parts[0] != "blk" \
+                or parts[2] not in GGUF_LINEARS:
+            continue
+        name = f"model.layers.{parts[1]}.{GGUF_LINEARS[parts[2]]}"
+        linear = modules.get(name)
+        if type(linear) is not torch.nn.Linear:
+            raise AdaspecError(f"{gguf_path}: tensor {t.name} has no linear layer {name} in this model")
+        w = unpack_q4k(np.asarray(t.data))
+        if tuple(linear.weight.shape) != (w["qs"].shape[0], w["qs"].shape[1] * 2) or not torch.equal(
+                dequantize(w), linear.weight.detach()):
+            raise AdaspecError(f"{gguf_path}: tensor {t.name} does not hold the weights of {name}; load the model "
+                               "from this GGUF file")
+        bias = None if linear.bias is None else linear.bias.detach().clone()
+        parent, _, child = name.rpartition(".")
+        setattr(modules[parent], child, Q4KLinear(w, bias))
+        replaced.append(name)
+    return replaced

@@ -1,0 +1,89 @@
+"""Q4_K weights computed as they are stored: the unpacking reproduces ggml's dequantisation exactly,
+the kernel is batch-invariant (a k-row forward is bit-identical to k one-row forwards) and close to
+float, and a q4k target keeps greedy speculation identical to its own greedy decoding."""
+
+import numpy as np
+import pytest
+import torch
+
+from adaspec.config import AdaspecError
+from adaspec.models import q4k
+from adaspec.models.registry import is_pulled, path
+
+QWEN = "qwen2.5-coder-0.5b"
+needs_qwen = pytest.mark.skipif(not is_pulled(QWEN), reason=f"{QWEN} is not pulled: run `adaspec models pull {QWEN}`")
+
+
+def random_weights(n: int, k: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {"qs": torch.randint(0, 256, (n, k // 2), generator=g, dtype=torch.uint8),
+            "sc": torch.randint(0, 64, (n, k // 32), generator=g, dtype=torch.uint8),
+            "mn": torch.randint(0, 64, (n, k // 32), generator=g, dtype=torch.uint8),
+            "d": torch.rand(n, k // 256, generator=g) * 0.01, "dm": torch.rand(n, k // 256, generator=g) * 0.01}
+
+
+@pytest.mark.parametrize("kernel_name", ["auto", "portable"])
+def test_kernel_rows_are_batch_invariant_and_close_to_float(kernel_name):
+    w = random_weights(48, 512)
+    lin = q4k.Q4KLinear(w, kernel_name=kernel_name)
+    x = torch.randn(21, 512, generator=torch.Generator().manual_seed(1))  # more than one 16-row call
+    y = lin(x)
+    singles = torch.cat([lin(x[i:i + 1]) for i in range(x.shape[0])])
+    assert torch.equal(y, singles)
+    assert torch.equal(lin(x[3:8]), y[3:8])
+    ref = x @ q4k.dequantize(w).T
+    assert float((y - ref).norm() / ref.norm()) < 0.02  # int8 activations, per 256-block scale
+
+
+def test_vectorised_and_portable_kernels_agree():
+    w = random_weights(32, 768, seed=2)
+    x = torch.randn(5, 768, generator=torch.Generator().manual_seed(3))
+    fast, slow = q4k.Q4KLinear(w)(x), q4k.Q4KLinear(w, kernel_name="portable")(x)
+    assert torch.allclose(fast, slow, rtol=1e-5, atol=1e-5)  # the same integer sums, float order differs
+
+
+def test_tiles_need_sixteen_outputs_and_256_inputs():
+    with pytest.raises(ValueError, match="multiple of 16"):
+        q4k.pack_tiles(random_weights(8, 256))
+    with pytest.raises(ValueError, match="Q4_K rows"):
+        q4k.unpack_q4k(np.zeros((4, 100), np.uint8))
+
+
+@needs_qwen
+def test_unpacking_reproduces_ggml_dequantisation_exactly():
+    from gguf import GGMLQuantizationType, GGUFReader
+    from gguf.quants import dequantize
+
+    reader = GGUFReader(str(path(QWEN)))
+    t = next(t for t in reader.tensors if t.tensor_type == GGMLQuantizationType.Q4_K and t.name.startswith("blk."))
+    raw = np.asarray(t.data)
+    ours = q4k.dequantize(q4k.unpack_q4k(raw))
+    assert torch.equal(ours, torch.from_numpy(dequantize(raw, t.tensor_type).astype(np.float32)))
+
+
+@needs_qwen
+def test_q4k_target_is_batch_invariant_and_speculation_stays_lossless():
+    from adaspec.api import Engine, load_model
+
+    torch.set_num_threads(2)
+    target, tok = load_model(QWEN, quant="q4k")
+    assert sum(isinstance(m, q4k.Q4KLinear) for m in target.model.modules()) == 12  # its Q4_K ffn_down layers
+    ids = torch.randint(0, target.vocab_size, (60,), generator=torch.Generator().manual_seed(0))
+    target.reset()
+    target.extend(ids[:50])
+    many = target.extend(ids[50:55])
+    target.rollback(50)
+    assert torch.equal(many, torch.cat([target.extend(ids[50 + i:51 + i]) for i in range(5)]))
+    drafter, _ = load_model(QWEN, quant="int8", role="drafter")  # another precision: drafts are sometimes rejected
+    engine = Engine(target, drafter, tok)
+    for prompt in ("Write a Python function that reverses a string.", "What is a hash map?"):
+        ar = engine.generate(prompt, method="ar", max_new_tokens=32)
+        sp = engine.generate(prompt, method="fixed", k=4, max_new_tokens=32)
+        assert sp.token_ids == ar.token_ids, prompt
+
+
+def test_q4k_needs_a_gguf_model():
+    from adaspec.api import load_model
+
+    with pytest.raises(AdaspecError, match="GGUF"):
+        load_model("tiny", quant="q4k")
