@@ -25,6 +25,7 @@ import torch
 
 from adaspec.api import load_model
 from adaspec.calibration.identity import machine_name
+from adaspec.models.q4k import Q4KLinear
 from adaspec.models.quant import Int8Linear
 
 
@@ -49,6 +50,8 @@ def weight_bytes(model) -> dict[str, int]:
             kind = "output head (int8)" if name.endswith("lm_head") else "linear layers (int8)"
             out[kind] += m.in_features * m.out_features + 8 * m.out_features + (
                 4 * m.out_features if m.bias is not None else 0)
+        elif isinstance(m, Q4KLinear):
+            out["linear layers (Q4_K)"] += sum(b.numel() * b.element_size() for b in m.buffers())
         elif not list(m.children()):
             for p in m.parameters(recurse=False):
                 if isinstance(m, torch.nn.Embedding):
@@ -59,7 +62,7 @@ def weight_bytes(model) -> dict[str, int]:
 
 
 def category(name: str, module) -> str | None:
-    if isinstance(module, Int8Linear):
+    if isinstance(module, (Int8Linear, Q4KLinear)):
         if name.endswith("lm_head"):
             return "output head"
         return "attention projections (q, k, v, o)" if ".self_attn." in name else "MLP projections (gate, up, down)"
@@ -97,7 +100,7 @@ def module_pass(adapter, context, new, repeats: int) -> tuple[float, dict[str, f
         if cat is None:
             continue
         for child_name, child in m.named_modules():
-            if child is not m and isinstance(child, Int8Linear):
+            if child is not m and isinstance(child, (Int8Linear, Q4KLinear)):
                 parents[id(child)] = cat  # a projection's time is subtracted from its block
 
         def pre(mod, args, key=id(m)):
@@ -136,8 +139,10 @@ def op_pass(adapter, context, new, repeats: int, top: int = 14) -> list[tuple[st
         for _ in range(repeats):
             adapter.extend(new)[-1, 0].item()
             adapter.rollback(context.shape[0])
-    rows = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:top]
-    return [(e.key, e.self_cpu_time_total / 1e3 / repeats, e.count // repeats) for e in rows]
+    events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    total = sum(e.self_cpu_time_total for e in events) / 1e3 / repeats
+    return [("all operators", total, sum(e.count for e in events) // repeats)] + [
+        (e.key, e.self_cpu_time_total / 1e3 / repeats, e.count // repeats) for e in events[:top]]
 
 
 def main(argv=None) -> int:
@@ -186,7 +191,7 @@ def main(argv=None) -> int:
     print("Operators by self time (torch.profiler, one-token forward, per forward):\n")
     print("| operator | ms | calls |\n|---|---|---|")
     for name, ms, calls in ops:
-        print(f"| `{name}` | {ms:.2f} | {calls} |")
+        print(f"| `{name}` | {ms:.2f} | {calls} |" if name != "all operators" else f"| all operators | {ms:.2f} | {calls} |")
     return 0
 
 

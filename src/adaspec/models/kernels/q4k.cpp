@@ -91,60 +91,79 @@ void tile_portable(const Weights& w, const Acts& a, int64_t R, int64_t t, float*
   }
 }
 
-// R is a template argument so that the row loops unroll and the accumulators stay in registers.
-template <int R>
+// R (rows) and T (tiles of 16 outputs sharing each activation broadcast) are template arguments, so
+// that the loops unroll and the accumulators stay in registers. Neither changes a single result: an
+// output's integer sums are exact in any order, and its float operations (one fma and one fnmadd per
+// sub-block, one fma per block) run in the same order for every R and T.
+template <int R, int T>
 __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")))
-void tile_vnni(const Weights& w, const Acts& a, int64_t t, float* y) {
+void tiles_vnni(const Weights& w, const Acts& a, int64_t t0, float* y) {
   const int64_t K = w.K, nb = K / QK, ns = K / 32;
+  constexpr int C = R * T >= 4 ? 1 : 2;  // independent dot chains per output tile (latency, not throughput)
   const __m512i low4 = _mm512_set1_epi8(15);
-  __m512 acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) _mm512_storeu_ps(y + r * w.N + 16 * (t0 + t), _mm512_setzero_ps());
   for (int64_t b = 0; b < nb; ++b) {
-    const __m512 dv = _mm512_loadu_ps(w.d + (t * nb + b) * 16);
-    const __m512 dmv = _mm512_loadu_ps(w.dm + (t * nb + b) * 16);
-    __m512 blk[R];
-    for (int r = 0; r < R; ++r) blk[r] = _mm512_setzero_ps();
+    __m512 blk[R][T];
+    for (int r = 0; r < R; ++r)
+      for (int t = 0; t < T; ++t) blk[r][t] = _mm512_setzero_ps();
     for (int j = 0; j < 8; ++j) {
       const int64_t sb = b * 8 + j;
-      const __m128i s16 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w.sc + (t * ns + sb) * 16));
-      const __m128i m16 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w.mn + (t * ns + sb) * 16));
-      const __m512 scale = _mm512_mul_ps(dv, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(s16)));
-      const __m512 minv = _mm512_mul_ps(dmv, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(m16)));
-      const uint8_t* v = w.w4 + (t * (K / 8) + sb * 4) * 64;
-      for (int line = 0; line < 4; ++line)  // the weights of this tile a few sub-blocks ahead
-        _mm_prefetch(reinterpret_cast<const char*>(v + 1024 + 64 * line), _MM_HINT_T0);
-      __m512i lo[4], hi[4];
+      __m512i dot[R][T][C];
+      for (int r = 0; r < R; ++r)
+        for (int t = 0; t < T; ++t)
+          for (int c = 0; c < C; ++c) dot[r][t][c] = _mm512_setzero_si512();
       for (int gg = 0; gg < 4; ++gg) {
-        const __m512i p = _mm512_loadu_si512(v + 64 * gg);
-        lo[gg] = _mm512_and_si512(p, low4);
-        hi[gg] = _mm512_and_si512(_mm512_srli_epi16(p, 4), low4);
-      }
-      for (int r = 0; r < R; ++r) {
-        const int8_t* x = a.q.data() + r * K + 32 * sb;
-        __m512i part[4];  // four short chains, not one long one: vpdpbusd's latency would bound a single row
-        for (int gg = 0; gg < 4; ++gg) {
-          int32_t x0, x1;
-          std::memcpy(&x0, x + 8 * gg, 4);
-          std::memcpy(&x1, x + 8 * gg + 4, 4);
-          part[gg] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo[gg], _mm512_set1_epi32(x0));
-          part[gg] = _mm512_dpbusd_epi32(part[gg], hi[gg], _mm512_set1_epi32(x1));
+        __m512i lo[T], hi[T];
+        for (int t = 0; t < T; ++t) {
+          const uint8_t* v = w.w4 + ((t0 + t) * (K / 8) + sb * 4 + gg) * 64;
+          _mm_prefetch(reinterpret_cast<const char*>(v + 1024), _MM_HINT_T0);  // a few sub-blocks ahead
+          const __m512i p = _mm512_loadu_si512(v);
+          lo[t] = _mm512_and_si512(p, low4);
+          hi[t] = _mm512_and_si512(_mm512_srli_epi16(p, 4), low4);
         }
-        const __m512i dot = _mm512_add_epi32(_mm512_add_epi32(part[0], part[1]), _mm512_add_epi32(part[2], part[3]));
-        blk[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, blk[r]);
-        blk[r] = _mm512_fnmadd_ps(minv, _mm512_set1_ps(a.s[r * ns + sb]), blk[r]);
+        for (int r = 0; r < R; ++r) {
+          const int8_t* x = a.q.data() + r * K + 32 * sb + 8 * gg;
+          int32_t x0, x1;
+          std::memcpy(&x0, x, 4);
+          std::memcpy(&x1, x + 4, 4);
+          const __m512i b0 = _mm512_set1_epi32(x0), b1 = _mm512_set1_epi32(x1);
+          for (int t = 0; t < T; ++t) {
+            __m512i& acc = dot[r][t][gg % C];
+            acc = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(acc, lo[t], b0), hi[t], b1);
+          }
+        }
+      }
+      for (int t = 0; t < T; ++t) {
+        const int64_t at = (t0 + t) * nb + b, st = ((t0 + t) * ns + sb) * 16;
+        const __m512 scale = _mm512_mul_ps(_mm512_loadu_ps(w.d + at * 16), _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(
+            _mm_loadu_si128(reinterpret_cast<const __m128i*>(w.sc + st)))));
+        const __m512 minv = _mm512_mul_ps(_mm512_loadu_ps(w.dm + at * 16), _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(
+            _mm_loadu_si128(reinterpret_cast<const __m128i*>(w.mn + st)))));
+        for (int r = 0; r < R; ++r) {
+          __m512i d = dot[r][t][0];
+          for (int c = 1; c < C; ++c) d = _mm512_add_epi32(d, dot[r][t][c]);
+          blk[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), scale, blk[r][t]);
+          blk[r][t] = _mm512_fnmadd_ps(minv, _mm512_set1_ps(a.s[r * ns + sb]), blk[r][t]);
+        }
       }
     }
-    for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(blk[r], _mm512_set1_ps(a.d[r * nb + b]), acc[r]);
+    for (int r = 0; r < R; ++r)
+      for (int t = 0; t < T; ++t) {
+        float* out = y + r * w.N + 16 * (t0 + t);
+        _mm512_storeu_ps(out, _mm512_fmadd_ps(blk[r][t], _mm512_set1_ps(a.d[r * nb + b]), _mm512_loadu_ps(out)));
+      }
   }
-  for (int r = 0; r < R; ++r) _mm512_storeu_ps(y + r * w.N + 16 * t, acc[r]);
 }
 
 using TileFn = void (*)(const Weights&, const Acts&, int64_t, float*);
+constexpr int PAIR_ROWS = 6;  // up to this many rows, two tiles share each broadcast (registers suffice)
 
 template <int... Rs>
-TileFn pick(int64_t R, std::integer_sequence<int, Rs...>) {
-  TileFn fns[] = {tile_vnni<Rs + 1>...};
-  return fns[R - 1];
+TileFn pick(int64_t R, int tiles, std::integer_sequence<int, Rs...>) {
+  TileFn one[] = {tiles_vnni<Rs + 1, 1>...};
+  TileFn two[] = {tiles_vnni<(Rs < PAIR_ROWS ? Rs + 1 : 1), 2>...};
+  return tiles == 2 ? two[R - 1] : one[R - 1];
 }
 
 bool has_vnni() {
@@ -170,11 +189,21 @@ torch::Tensor q4k_linear(torch::Tensor x, torch::Tensor w4, torch::Tensor sc, to
                   dm.data_ptr<float>(), N, K};
   const bool vnni = kernel != "portable" && has_vnni();
   float* Y = y.data_ptr<float>();
-  const TileFn fast = vnni ? pick(R, std::make_integer_sequence<int, MAXR>{}) : nullptr;
-  at::parallel_for(0, N / 16, 8, [&](int64_t lo, int64_t hi) {
-    for (int64_t t = lo; t < hi; ++t) {
-      if (fast != nullptr) fast(w, a, t, Y);
-      else tile_portable(w, a, R, t, Y);
+  const int64_t tiles = N / 16;
+  if (!vnni) {
+    at::parallel_for(0, tiles, 8, [&](int64_t lo, int64_t hi) {
+      for (int64_t t = lo; t < hi; ++t) tile_portable(w, a, R, t, Y);
+    });
+    return y;
+  }
+  const auto seq = std::make_integer_sequence<int, MAXR>{};
+  const int step = R <= PAIR_ROWS ? 2 : 1;
+  const TileFn many = pick(R, step, seq), single = pick(R, 1, seq);
+  at::parallel_for(0, (tiles + step - 1) / step, 4, [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) {
+      const int64_t t = i * step;
+      if (t + step <= tiles) many(w, a, t, Y);
+      else single(w, a, t, Y);  // an odd last tile
     }
   });
   return y;
