@@ -224,3 +224,34 @@ def test_lossy_relaxed_mode_is_labelled_and_accepts_more(target, drafters):
     assert lossy.stats.acceptance_rate > exact.stats.acceptance_rate
     typical = run(target, drafters["perturbed"], PROMPTS[3], "fixed", verify="typical", max_new_tokens=60)
     assert not typical.lossless
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["generate", "hi", "--target", "tiny", "--drafter", "none", "--threads", "-3"], "--threads must be at least 1"),
+    (["generate", "hi", "--target", "tiny", "--drafter", "none", "--device", "bogus"], "unknown device 'bogus'"),
+    (["generate", "hi", "--target", "tiny", "--drafter", "none", "--device", "cuda:0"], "CUDA"),
+    (["serve", "--target", "tiny", "--drafter", "none", "--port", "99999"], "--port must be between 1 and 65535"),
+])
+def test_bad_machine_flags_are_one_line_errors(argv, message, capsys):
+    from adaspec.cli import main
+
+    if "cuda" in " ".join(argv) and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")  # the flag is valid here
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_serve_refuses_a_busy_port_before_loading_models(capsys, monkeypatch):
+    import socket
+
+    from adaspec import cli
+
+    loaded = []
+    monkeypatch.setattr(cli, "load_engine", lambda a: loaded.append(a))
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert cli.main(["serve", "--target", "tiny", "--drafter", "none", "--port", str(port)]) == 2
+    assert "cannot listen on 127.0.0.1:" in capsys.readouterr().err and not loaded

@@ -125,3 +125,21 @@ def test_generators_make_draws_reproducible():
     g = make_generator(None, "cpu")
     assert g.device.type == "cpu"
     sample(probs[0], g)
+
+
+def test_a_top_p_below_float32_resolution_keeps_the_top_token():
+    logits = torch.tensor([[0.5, 3.0, 1.0], [2.0, 2.0, -1.0]])
+    for top_p in (1e-300, 1e-45, 1e-12):  # 1e-300 and 1e-45 are 0 in float32
+        p = warp(logits, S(top_p=top_p))
+        assert not p.isnan().any()
+        assert p.tolist() == [[0.0, 1.0, 0.0], [1.0, 0.0, 0.0]]  # ties go to the lower id
+
+
+def test_sampling_with_a_vanishing_top_p_is_greedy_end_to_end():
+    from adaspec.api import Engine
+    from adaspec.models.tiny import ByteTokenizer, tiny_model
+
+    engine = Engine(tiny_model(seed=0), None, ByteTokenizer())
+    greedy_ids = engine.generate([5, 6, 7], method="ar", max_new_tokens=12).token_ids
+    sampled = engine.generate([5, 6, 7], method="ar", max_new_tokens=12, temperature=1.0, top_p=1e-300, seed=1)
+    assert sampled.token_ids == greedy_ids

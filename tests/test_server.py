@@ -268,6 +268,32 @@ def test_malformed_json_and_oversized_bodies(server):
     assert_error(httpx.get(server.url + "/v1/completions"), 405)
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_text_that_is_not_unicode_is_a_400_and_the_connection_survives(server, stream):
+    with httpx.Client(base_url=server.url, headers=server.headers, timeout=30) as client:
+        for path, body, param in (("/v1/completions", {"prompt": "ab\ud800"}, "prompt"),
+                                  ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x\udfff"}]},
+                                   "messages")):
+            r = client.post(path, content=json.dumps({**body, "max_tokens": 4, "stream": stream}),  # \ud800 escapes
+                            headers={"Content-Type": "application/json"})
+            assert r.status_code == 400, r.text
+            err = r.json()["error"]
+            assert err["param"] == param and "surrogate" in err["message"]
+        ok = client.post("/v1/completions", json={"prompt": "hello", "max_tokens": 2})  # same keep-alive connection
+        assert ok.status_code == 200
+    body = json.dumps({"prompt": "hi", "max_tokens": 2, "stop": ["a\ud800"]})
+    r = httpx.post(server.url + "/v1/completions", content=body,
+                   headers={**server.headers, "Content-Type": "application/json"}, timeout=30)
+    assert r.status_code == 400 and "surrogate" in r.json()["error"]["message"]
+
+
+def test_a_vanishing_top_p_samples_the_top_token_not_garbage(server, engine):
+    r = server.post("/v1/completions", {"prompt": "hello", "max_tokens": 8, "temperature": 1.0, "top_p": 1e-300})
+    assert r.status_code == 200
+    expected = engine.generate("hello", method="ar", chat=False, max_new_tokens=8).text
+    assert r.json()["choices"][0]["text"] == expected
+
+
 def test_context_length_errors_say_how_many_tokens(server):
     err = assert_error(server.post("/v1/completions", {"prompt": "a" * 600}), 400, "prompt")
     assert "600 tokens" in err["message"] and "512" in err["message"] and err["code"] == "context_length_exceeded"

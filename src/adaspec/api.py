@@ -51,7 +51,10 @@ def load_model(source: str | ModelAdapter, *, dtype: torch.dtype = torch.float32
         raise AdaspecError(f"unknown drafter runtime {drafter_runtime!r}; choose one of {', '.join(DRAFTER_RUNTIMES)}")
     if not isinstance(source, str):
         return source, None
+    check_device(device)
     if source in ("tiny", "tiny-draft"):
+        if torch.device(device).type != "cpu":
+            raise AdaspecError(f"the built-in toy models run on the CPU only, not on {device!r}: drop --device")
         from adaspec.models.tiny import ByteTokenizer, perturbed_copy, tiny_model
 
         adapter = tiny_model(seed=0, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
@@ -73,6 +76,27 @@ def load_model(source: str | ModelAdapter, *, dtype: torch.dtype = torch.float32
             if supports(getattr(adapter, "model", None)) is None:
                 adapter = FastDecoder(adapter.model, adapter.name, exact_rows=False)
     return adapter, tokenizer
+
+
+def check_device(device: str) -> None:
+    """A device torch knows and this machine has."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise AdaspecError(f"unknown device {device!r} ({e}); use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise AdaspecError(f"device {device!r} asked for, but this torch sees no CUDA GPU: use --device cpu")
+    if dev.type not in ("cpu", "cuda"):
+        raise AdaspecError(f"device {device!r} is not supported: use cpu or cuda")
+
+
+def check_text(text: str, what: str) -> None:
+    """Text must be valid Unicode: a lone surrogate (as JSON's \\ud800 escapes make) has no UTF-8 form."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise AdaspecError(f"{what} is not valid Unicode text: a lone surrogate {text[e.start]!r} at character "
+                           f"{e.start}; send UTF-8 text") from None
 
 
 def _gguf_file(source: str) -> str | None:
@@ -143,22 +167,32 @@ class Engine:
             if not prompt:
                 raise AdaspecError("the prompt is empty: give at least one character of text")
             self._need_tokenizer()
+            check_text(prompt, "the prompt")
             if chat:
-                return list(self.tokenizer.chat_ids([{"role": "user", "content": prompt}]))
-            return list(self.tokenizer.encode(prompt))
+                return self._tokenize(lambda: self.tokenizer.chat_ids([{"role": "user", "content": prompt}]))
+            return self._tokenize(lambda: self.tokenizer.encode(prompt))
         if isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
             self._need_tokenizer()
-            for m in prompt:
+            for i, m in enumerate(prompt):
                 if not isinstance(m.get("content"), str) or m.get("role") not in ("system", "user", "assistant"):
                     raise AdaspecError(f"each chat message needs a role (system/user/assistant) and string "
                                        f"content, got {m!r}")
-            return list(self.tokenizer.chat_ids(prompt))
+                check_text(m["content"], f"message {i}")
+            return self._tokenize(lambda: self.tokenizer.chat_ids(prompt))
         ids = prompt.tolist() if isinstance(prompt, torch.Tensor) else list(prompt)
         if not ids:
             raise AdaspecError("the prompt is empty: give at least one token")
         if not all(isinstance(t, int) and 0 <= t < self.target.vocab_size for t in ids):
             raise AdaspecError(f"prompt token ids must be integers in [0, {self.target.vocab_size})")
         return ids
+
+    @staticmethod
+    def _tokenize(run) -> list[int]:
+        try:
+            return list(run())
+        except (ValueError, TypeError, UnicodeError) as e:  # what tokenizers raise on text they cannot take
+            raise AdaspecError(f"the tokenizer cannot encode this text ({type(e).__name__}: {e}); send plain "
+                               "UTF-8 text") from e
 
     def _need_tokenizer(self) -> None:
         if self.tokenizer is None:

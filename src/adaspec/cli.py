@@ -104,7 +104,9 @@ def load_engine(a: argparse.Namespace, *, need_drafter: bool = True):
 
     from adaspec.api import load
 
-    if a.threads:
+    if a.threads is not None:
+        if a.threads < 1:
+            raise AdaspecError(f"--threads must be at least 1, got {a.threads}")
         torch.set_num_threads(a.threads)
     drafter = None if getattr(a, "drafter", "none") in (None, "none") else a.drafter
     return load(a.target, drafter, dtype=_torch_dtype(a.dtype), device=a.device, quant=a.quant,

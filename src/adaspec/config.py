@@ -248,6 +248,12 @@ class GenerationConfig:
                f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
         _check(all(isinstance(s, str) and s for s in self.stop),
                f"stop strings must be non-empty strings, got {self.stop!r}")
+        for s in self.stop:
+            try:
+                s.encode("utf-8")
+            except UnicodeEncodeError:
+                raise AdaspecError(f"stop string {s!r} is not valid Unicode text (a lone surrogate); send UTF-8 "
+                                   "text") from None
         self.sampling.validate()
         self.spec.validate()
         return self

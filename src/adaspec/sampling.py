@@ -50,8 +50,10 @@ def warp(logits: torch.Tensor, s: SamplingConfig) -> torch.Tensor:
     if use_top_p:
         probs = ranked.softmax(-1)  # (..., V) after top-k, as the nucleus is taken of what top-k left
         mass_before = probs.cumsum(-1) - probs  # (..., V) mass of the strictly higher-ranked tokens
-        # A token stays while the tokens above it hold less than top_p, which keeps rank 0 always.
+        # A token stays while the tokens above it hold less than top_p. Rank 0 always stays, also when
+        # top_p is too small for the tensor's dtype (1e-300 is 0 in float32): nothing left is NaN.
         drop |= mass_before >= s.top_p
+        drop[..., 0] = False
     x = x.scatter(-1, order, ranked.masked_fill(drop, float("-inf")))  # back to token-id order
     return x.softmax(-1)
 

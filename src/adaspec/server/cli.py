@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import os
+import socket
 import sys
 
 from adaspec.cli import add_model_args, add_option_args, load_engine, option_values
+from adaspec.config import AdaspecError
 
 
 def register(subparsers) -> None:
@@ -40,6 +42,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
 
     from adaspec.server.app import ServerSettings, create_app
 
+    check_port(a.host, a.port)  # before loading weights: a busy or impossible port should not cost a model load
     settings = ServerSettings(
         method=a.method, defaults=option_values(a), api_key=a.api_key or os.environ.get("ADASPEC_API_KEY") or None,
         queue_size=a.queue_size, request_timeout=a.request_timeout, max_body_bytes=a.max_body_bytes,
@@ -52,6 +55,20 @@ def cmd_serve(a: argparse.Namespace) -> int:
     uvicorn.run(app, host=a.host, port=a.port, log_level=a.log_level,
                 timeout_graceful_shutdown=int(a.request_timeout) + 1 if a.request_timeout else None)
     return 0
+
+
+def check_port(host: str, port: int) -> None:
+    """The address must be one this machine can listen on now."""
+    if not 0 < port < 65536:
+        raise AdaspecError(f"--port must be between 1 and 65535, got {port}")
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            probe.bind((host, port))
+    except OSError as e:
+        raise AdaspecError(f"cannot listen on {host}:{port}: {e.strerror or e}; choose another --port or --host") \
+            from None
 
 
 def _is_loopback(host: str) -> bool:
