@@ -287,6 +287,30 @@ def test_text_that_is_not_unicode_is_a_400_and_the_connection_survives(server, s
     assert r.status_code == 400 and "surrogate" in r.json()["error"]["message"]
 
 
+@pytest.mark.parametrize("field, off, on", [("response_format", {"type": "text"}, {"type": "json_object"}),
+                                             ("tool_choice", "none", "auto"), ("parallel_tool_calls", False, True)])
+def test_openai_fields_that_cannot_be_honoured_are_refused(server, field, off, on):
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    assert server.post("/v1/chat/completions", {**body, field: off}).status_code == 200
+    assert_error(server.post("/v1/chat/completions", {**body, field: on}), 400, param=field)
+
+
+def test_stream_options_include_usage_adds_a_usage_chunk(server):
+    body = {"prompt": "hello", "max_tokens": 4, "stream": True, "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", server.url + "/v1/completions", json=body, headers=server.headers, timeout=30) as r:
+        events = sse_events(r.iter_lines())
+    assert events[-1] == "[DONE]"
+    last = events[-2]
+    assert last["choices"] == [] and last["usage"]["completion_tokens"] == 4
+    assert events[-3]["choices"][0]["finish_reason"] == "length"
+    client = server.client()
+    chunks = list(client.completions.create(model="tiny", prompt="hello", max_tokens=3, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert chunks[-1].usage.completion_tokens == 3 and not chunks[-1].choices
+    assert_error(server.post("/v1/completions", {"prompt": "hi", "max_tokens": 2, "stream_options":
+                                                 {"include_usage": True}}), 400, param="stream_options")
+
+
 def test_a_vanishing_top_p_samples_the_top_token_not_garbage(server, engine):
     r = server.post("/v1/completions", {"prompt": "hello", "max_tokens": 8, "temperature": 1.0, "top_p": 1e-300})
     assert r.status_code == 200
@@ -403,6 +427,22 @@ def test_client_disconnect_cancels_the_generation(server):
     assert count("length") == finished
     wait_until(lambda: server.metric("adaspec_busy") == 0)
     assert server.metric("adaspec_requests_total", endpoint="/v1/completions", status="499") == gone + 1
+    assert server.post("/v1/completions", {"prompt": "next", "max_tokens": 3}).status_code == 200
+
+
+def test_a_non_streamed_request_whose_client_leaves_stops_within_a_step(server):
+    def count(outcome):
+        return server.metric("adaspec_generations_total", outcome=outcome)
+
+    wait_until(lambda: server.metric("adaspec_busy") == 0)
+    cancelled, finished = count("cancelled"), count("length")
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up while the generation runs
+        httpx.post(server.url + "/v1/completions", json={"prompt": "a", **SLOW}, timeout=0.5)
+    t0 = time.perf_counter()
+    wait_until(lambda: count("cancelled") == cancelled + 1, timeout=5)
+    assert time.perf_counter() - t0 < 1.0  # SLOW takes about 12 s to finish: it was stopped, not finished
+    assert count("length") == finished
+    wait_until(lambda: server.metric("adaspec_busy") == 0)
     assert server.post("/v1/completions", {"prompt": "next", "max_tokens": 3}).status_code == 200
 
 

@@ -35,7 +35,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from adaspec.api import Engine, make_config
 from adaspec.config import SPEC_KNOBS, AdaspecError
 from adaspec.server.metrics import Metrics
-from adaspec.server.schemas import APIError, ChatRequest, CompletionRequest, Kind, chunk_body, response_body
+from adaspec.server.schemas import (APIError, ChatRequest, CompletionRequest, Kind, chunk_body, response_body,
+                                    usage_chunk)
 from adaspec.server.worker import Job, QueueFull, Worker
 
 ENDPOINTS = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/health", "/metrics")
@@ -132,20 +133,33 @@ class Service:
             raise APIError(429, f"the server is busy: {self.worker.depth()} requests are waiting (--queue-size "
                                 f"{self.worker.capacity}); retry in about {retry} s", type="rate_limit_error",
                            code="queue_full", headers={"Retry-After": str(retry)}) from None
+        # A non-streamed job is cancelled as soon as its client leaves, within one step (a streamed one
+        # by its EventStream, which reads the connection itself).
+        watcher = None if body.stream else asyncio.create_task(self._cancel_when_gone(request, job))
         try:
             event = await self._next(job, request)
-        except ClientGone:
-            return Response(status_code=499)
-        self.metrics.ttft.observe(time.monotonic() - job.arrived)
-        rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
-        if body.stream:
-            return EventStream(self._events(kind, rid, job, event), on_close=lambda: self._abandon(job, "cancelled"))
-        try:
+            self.metrics.ttft.observe(time.monotonic() - job.arrived)
+            rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
+            if body.stream:
+                return EventStream(self._events(kind, rid, job, event, usage=body.include_usage),
+                                   on_close=lambda: self._abandon(job, "cancelled"))
             while event[0] == "delta":
                 event = await self._next(job, request)
         except ClientGone:
             return Response(status_code=499)
+        finally:
+            if watcher is not None:
+                watcher.cancel()
         return JSONResponse(response_body(kind, rid, self.model_name, event[1]))
+
+    async def _cancel_when_gone(self, request: Request | None, job: Job) -> None:
+        """Cancel a non-streamed job as soon as its client disconnects (the body is read by now, so the
+        next message uvicorn delivers is the disconnect)."""
+        if request is None:
+            return
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        self._abandon(job, "cancelled")
 
     def _check(self, body: CompletionRequest | ChatRequest) -> None:
         if body.model is not None and body.model != self.model_name:
@@ -216,7 +230,9 @@ class Service:
                 continue
             if kind == "error":
                 raise value
-            if kind == "cancelled":  # only shutdown cancels a job whose handler still waits
+            if kind == "cancelled":
+                if job.reason == "cancelled":  # its client left (_cancel_when_gone)
+                    raise ClientGone
                 raise APIError(503, "the server is shutting down", type="server_error", code="shutting_down")
             return kind, value
 
@@ -226,7 +242,7 @@ class Service:
         if self.worker.withdraw(job):
             self.metrics.generations.labels(job.reason).inc()
 
-    async def _events(self, kind: Kind, rid: str, job: Job, event: tuple[str, Any]):
+    async def _events(self, kind: Kind, rid: str, job: Job, event: tuple[str, Any], *, usage: bool = False):
         try:
             if kind == "chat":
                 yield _sse(chunk_body(kind, rid, self.model_name, role=True))
@@ -234,6 +250,8 @@ class Service:
                 yield _sse(chunk_body(kind, rid, self.model_name, event[1]))
                 event = await self._next(job)  # a disconnect cancels this generator (EventStream.on_close)
             yield _sse(chunk_body(kind, rid, self.model_name, result=event[1]))
+            if usage:
+                yield _sse(usage_chunk(kind, rid, self.model_name, event[1]))
         except APIError as e:  # the status line has gone: report in the stream, as OpenAI does
             yield _sse(e.body())
         yield "data: [DONE]\n\n"

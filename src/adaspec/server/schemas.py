@@ -26,7 +26,8 @@ STRICT = ConfigDict(strict=True, allow_inf_nan=False)
 UNSUPPORTED: dict[str, tuple] = {
     "best_of": (None, 1), "echo": (None, False), "suffix": (None, ""), "logprobs": (None, False),
     "top_logprobs": (None, 0), "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
-    "logit_bias": (None, {}), "tools": (None, []), "functions": (None, []),
+    "logit_bias": (None, {}), "tools": (None, []), "functions": (None, []), "tool_choice": (None, "none"),
+    "function_call": (None, "none"), "parallel_tool_calls": (None, False), "response_format": (None, {"type": "text"}),
 }
 FINISH = {"eos": "stop", "stop": "stop", "length": "length"}  # adaspec's reasons -> OpenAI's
 
@@ -66,6 +67,12 @@ def _speculation_model() -> type[BaseModel]:
 Speculation = _speculation_model()
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", **STRICT)
+
+    include_usage: bool | None = None
+
+
 class _Common(BaseModel):
     """Fields shared by completions and chat completions."""
 
@@ -80,6 +87,8 @@ class _Common(BaseModel):
     stop: str | list[str] | None = None
     stream: bool | None = False  # null, as some clients send for "not set", means the default throughout
     n: int | None = 1
+    stream_options: StreamOptions | None = Field(None, description="with stream: include_usage adds a last chunk "
+                                                                   "with the usage and no choices, as OpenAI does")
     ignore_eos: bool | None = Field(False, description="extension (as in vLLM): keep generating past end-of-sequence")
     speculation: Speculation | None = Field(None, description="extension: method and speculation knobs")
 
@@ -90,9 +99,15 @@ class _Common(BaseModel):
             raise ValueError("only n = 1 is supported: send one request per completion")
         return n
 
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream and self.stream_options is not None and self.stream_options.include_usage)
+
     def unsupported(self) -> str | None:
         """The first OpenAI field set to a value this server cannot honour, if any."""
         extra = self.model_extra or {}
+        if self.stream_options is not None and not self.stream:
+            return "stream_options"  # OpenAI allows it only with stream: true
         return next((k for k, off in UNSUPPORTED.items() if k in extra and extra[k] not in off), None)
 
     def token_limit(self) -> int | None:
@@ -163,6 +178,12 @@ def response_body(kind: Kind, rid: str, model: str, result: Result) -> dict:
     return {"id": rid, "object": "chat.completion" if kind == "chat" else "text_completion",
             "created": int(time.time()), "model": model, "choices": [choice], "usage": usage(result),
             "speculation": speculation_stats(result)}
+
+
+def usage_chunk(kind: Kind, rid: str, model: str, result: Result) -> dict:
+    """The chunk `stream_options.include_usage` asks for: no choices, the request's usage."""
+    return {"id": rid, "object": "chat.completion.chunk" if kind == "chat" else "text_completion",
+            "created": int(time.time()), "model": model, "choices": [], "usage": usage(result)}
 
 
 def chunk_body(kind: Kind, rid: str, model: str, text: str | None = None, *, role: bool = False,
