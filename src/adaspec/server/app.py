@@ -366,6 +366,39 @@ def _server_error(request: Request, exc: Exception) -> JSONResponse:
     return APIError(500, f"internal error: {type(exc).__name__}", type="server_error").response()
 
 
+_ERROR = {"application/json": {"schema": {"type": "object", "properties": {"error": {"type": "object", "properties": {
+    "message": {"type": "string"}, "type": {"type": "string"}, "param": {"type": ["string", "null"]},
+    "code": {"type": ["string", "null"]}}}}}}}
+GENERATION_RESPONSES = {
+    200: {"description": "the completion as JSON, or with `stream: true` server-sent events (`data: {chunk}` "
+                         "lines, then `data: [DONE]`)",
+          "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+    400: {"description": "invalid request: the OpenAI error object names the field", "content": _ERROR},
+    401: {"description": "missing or wrong API key", "content": _ERROR},
+    404: {"description": "a model this server does not serve", "content": _ERROR},
+    413: {"description": "request body too large", "content": _ERROR},
+    429: {"description": "queue full (Retry-After says when to retry)", "content": _ERROR},
+    499: {"description": "the client left before the answer (nothing is sent)"},
+    503: {"description": "shutting down", "content": _ERROR},
+    504: {"description": "the request did not finish within the server's time limit", "content": _ERROR},
+}
+
+
+def _openapi(app: FastAPI) -> dict:
+    """FastAPI's schema, saying what this server does: invalid bodies are 400 (never 422)."""
+    if app.openapi_schema is None:
+        from fastapi.openapi.utils import get_openapi
+
+        schema = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
+        for item in schema.get("paths", {}).values():
+            for op in item.values():
+                op.get("responses", {}).pop("422", None)
+        for name in ("HTTPValidationError", "ValidationError"):
+            schema.get("components", {}).get("schemas", {}).pop(name, None)
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
 def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAPI:
     """The FastAPI app serving `engine`, which it then owns: nothing else may generate with it."""
     service = Service(engine, settings or ServerSettings())
@@ -393,12 +426,14 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
     async def metrics() -> Response:
         return Response(service.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses=GENERATION_RESPONSES)
     async def completions(body: CompletionRequest, request: Request) -> Response:
         return await service.complete(request, "completion", body)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=GENERATION_RESPONSES)
     async def chat_completions(body: ChatRequest, request: Request) -> Response:
         return await service.complete(request, "chat", body)
+
+    app.openapi = lambda: _openapi(app)
 
     return app

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import time
 import typing
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
@@ -115,7 +115,8 @@ class _Common(BaseModel):
 
 
 class CompletionRequest(_Common):
-    prompt: str | list[int] = Field(description="one prompt: text (no chat template) or a list of token ids")
+    prompt: Annotated[str, Field(min_length=1)] | Annotated[list[int], Field(min_length=1)] = Field(
+        description="one prompt: text (no chat template) or a list of token ids, not empty")
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -129,7 +130,7 @@ class CompletionRequest(_Common):
 class Message(BaseModel):
     model_config = ConfigDict(extra="ignore", **STRICT)
 
-    role: str
+    role: Literal["system", "user", "assistant"]
     content: str | list[dict[str, Any]]
 
     @field_validator("content")
