@@ -323,6 +323,45 @@ def test_load_converts_once_per_checksum_and_dtype(fake, cache, monkeypatch):
     assert loaded[-1] == (str(cache / "fake"), "fake.gguf", torch.float32)
 
 
+def test_a_damaged_converted_copy_is_refused_and_pull_rebuilds_it(fake, cache, monkeypatch):
+    import os
+
+    import adaspec.models.hf as hf
+
+    preset, chunks, index = fake
+    registry.pull("fake", progress=False, fetcher=index)
+    converted = []
+
+    def fake_convert(gguf, dest, dtype, sha256):
+        converted.append(dtype)
+        (dest / "model.safetensors").write_bytes(bytes(range(256)) * 64)
+        cc.write_marker(dest, gguf.name, sha256, dtype)
+
+    class Adapter:
+        name = "?"
+
+    monkeypatch.setattr(cc, "convert", fake_convert)
+    monkeypatch.setattr(hf, "load_hf", lambda source, **kw: (Adapter(), None))
+    registry.load_pretrained("fake")
+    weights = cache / "fake" / f"converted-{preset.sha256[:12]}-float32" / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])  # truncated
+    with pytest.raises(AdaspecError, match=r"damaged .*bytes instead of.*run `adaspec models pull fake`"):
+        registry.load_pretrained("fake")
+    registry.pull("fake", progress=False, fetcher=index)  # the command the error names
+    assert converted == [torch.float32, torch.float32] and weights.read_bytes() == data
+    registry.load_pretrained("fake")
+    with open(weights, "r+b") as f:  # overwritten in the middle: same size, other bytes
+        f.seek(len(data) // 2)
+        f.write(b"\0" * 1024)
+    with pytest.raises(AdaspecError, match="changed after it was written"):
+        registry.load_pretrained("fake")
+    registry.pull("fake", progress=False, fetcher=index)
+    os.utime(weights, ns=(1, 1))  # touched, not changed: re-hashed once, then loads
+    registry.load_pretrained("fake")
+    assert len(converted) == 3
+
+
 def test_failed_conversion_leaves_no_copy(tmp_path, monkeypatch):
     def broken(gguf, dest, dtype, sha256):
         (dest / "model.safetensors").write_bytes(b"half")

@@ -8,12 +8,18 @@ GGUF's checksum and the dtype, so a changed file or another dtype never reuses a
 is written under a temporary name and renamed once complete, so a crash leaves nothing that
 looks usable. First and later loads then read the very same tensors: outputs do not depend on
 whether the cache was warm.
+
+Every weight file is stamped in the marker with its size, modification time and sha256. A load
+checks size and time (cheap); a file whose time changed is re-hashed, and one that no longer
+matches is refused (`damaged`), never loaded: `adaspec models pull NAME` rebuilds it (`repair`).
+A copy made before stamps existed is stamped at its first check.
 """
 
 from __future__ import annotations
 
 import errno
 import gc
+import hashlib
 import json
 import os
 import shutil
@@ -38,6 +44,59 @@ def converted_dir(root: Path, sha256: str, dtype: torch.dtype) -> Path:
 
 def is_complete(folder: Path) -> bool:
     return (Path(folder) / MARKER).is_file()
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _stamp(folder: Path) -> dict:
+    """size, mtime and sha256 of every weight file of a converted copy."""
+    files = sorted(p for p in Path(folder).iterdir() if p.suffix == ".safetensors")
+    return {p.name: {"size": p.stat().st_size, "mtime_ns": p.stat().st_mtime_ns, "sha256": _sha256(p)}
+            for p in files}
+
+
+def damaged(folder: Path) -> str | None:
+    """Why a complete converted copy must not be loaded (a weight file missing, truncated or changed),
+    or None. Re-hashes only the files whose modification time moved."""
+    marker = Path(folder) / MARKER
+    try:
+        info = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return f"its marker {marker.name} is unreadable"
+    if "files" not in info:  # made before stamps: stamp it now
+        info["files"] = _stamp(folder)
+        _write_marker(marker, info)
+        return None
+    changed = False
+    for name, want in info["files"].items():
+        p = Path(folder) / name
+        if not p.is_file():
+            return f"{name} is missing"
+        st = p.stat()
+        if st.st_size != want["size"]:
+            return f"{name} has {st.st_size:,} bytes instead of {want['size']:,}"
+        if st.st_mtime_ns != want["mtime_ns"]:
+            if _sha256(p) != want["sha256"]:
+                return f"{name} was changed after it was written (its sha256 differs)"
+            want["mtime_ns"], changed = st.st_mtime_ns, True  # touched, not changed
+    if changed:
+        _write_marker(marker, info)
+    return None
+
+
+def _write_marker(marker: Path, info: dict) -> None:
+    try:
+        tmp = marker.with_suffix(".tmp")
+        tmp.write_text(json.dumps(info, indent=1))
+        tmp.replace(marker)
+    except OSError:  # a read-only cache: the stamp is checked again next time, which is only slower
+        pass
 
 
 def _load_dense(gguf: Path, dtype: torch.dtype):
@@ -90,9 +149,25 @@ def convert(gguf: Path, dest: Path, dtype: torch.dtype, sha256: str) -> None:
     del model
     gc.collect()
     AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(dest)
-    (dest / MARKER).write_text(json.dumps({
-        "gguf": gguf.name, "sha256": sha256, "dtype": dtype_name(dtype),
-        "transformers": transformers.__version__}, indent=1))
+    write_marker(dest, gguf.name, sha256, dtype, transformers=transformers.__version__)
+
+
+def write_marker(dest: Path, gguf_name: str, sha256: str, dtype: torch.dtype, **extra) -> None:
+    """The marker that makes `dest` a complete copy, with the stamp of its weight files (written last)."""
+    (dest / MARKER).write_text(json.dumps({"gguf": gguf_name, "sha256": sha256, "dtype": dtype_name(dtype),
+                                           **extra, "files": _stamp(dest)}, indent=1))
+
+
+def repair(root: Path, gguf: Path, sha256: str) -> list[Path]:
+    """Rebuild every damaged converted copy of `gguf` under `root`; returns the folders rebuilt."""
+    rebuilt = []
+    for folder in sorted(Path(root).glob(f"converted-{sha256[:12]}-*")):
+        if folder.is_dir() and is_complete(folder) and damaged(folder) is not None:
+            dtype = getattr(torch, folder.name.rsplit("-", 1)[1])
+            shutil.rmtree(folder)
+            ensure_converted(gguf, sha256, dtype, root)
+            rebuilt.append(folder)
+    return rebuilt
 
 
 def ensure_converted(gguf: Path, sha256: str, dtype: torch.dtype, root: Path) -> Path:

