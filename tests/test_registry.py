@@ -428,3 +428,31 @@ def test_smollm2_pull_convert_and_generate(smollm2_fetcher, cache, monkeypatch):
     again, tok2 = registry.load_pretrained("smollm2-135m", auto_pull=False)
     assert again.name == "smollm2-135m"
     assert _greedy(again, prompt, 8) == first  # cold and warm starts read the same tensors
+
+
+def test_files_that_are_not_complete_ggufs_are_one_line_errors(tmp_path):
+    text = tmp_path / "x.gguf"
+    text.write_text("hello, I am not a model\n")
+    empty = tmp_path / "empty.gguf"
+    empty.write_bytes(b"")
+    for bad, match in ((text, "is not a GGUF file"), (empty, "it is empty")):
+        with pytest.raises(AdaspecError, match=match):
+            registry.load_pretrained(str(bad))
+    if registry.is_pulled("smollm2-135m"):
+        half = tmp_path / "half.gguf"
+        real = registry.path("smollm2-135m").read_bytes()
+        half.write_bytes(real[: len(real) // 2])
+        with pytest.raises(AdaspecError, match="truncated|not a readable GGUF"):
+            registry.load_pretrained(str(half))
+
+
+def test_a_cache_that_cannot_be_written_names_the_way_out(fake, cache, monkeypatch):
+    preset, chunks, index = fake
+    registry.pull("fake", progress=False, fetcher=index)
+
+    def read_only(gguf, dest, dtype, sha256):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(cc, "convert", read_only)
+    with pytest.raises(AdaspecError, match="point ADASPEC_CACHE at a writable folder"):
+        registry.load_pretrained("fake")

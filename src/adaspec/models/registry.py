@@ -382,15 +382,44 @@ def load_pretrained(source: str, *, dtype: torch.dtype = torch.float32, device: 
             _refuse_damaged(done, f"run `adaspec models pull {preset.name}` to rebuild it")
             return _named(load_hf(str(done), **kwargs), preset.name)
     resolved = resolve(source, auto_pull=auto_pull, progress=progress)
+    if resolved.gguf_file is not None and resolved.sha256 is None:
+        check_gguf(resolved.gguf_path)  # a preset's file is verified by its checksum; a local one here
     if resolved.gguf_file is None or not convert_cache:
         return load_hf(resolved.location, gguf_file=resolved.gguf_file, **kwargs)
     gguf = resolved.gguf_path
     sha = resolved.sha256 or sha256_file(gguf)  # a local GGUF is keyed by its own checksum
     root = cache_dir() / (preset.name if preset is not None else "local")
-    folder = cc.ensure_converted(gguf, sha, dtype, root)
+    try:
+        folder = cc.ensure_converted(gguf, sha, dtype, root)
+    except PermissionError as e:
+        raise AdaspecError(f"cannot write the converted copy of {gguf.name} into {root} ({e.strerror}): point "
+                           "ADASPEC_CACHE at a writable folder, or load with convert_cache=False") from None
     _refuse_damaged(folder, f"run `adaspec models pull {preset.name}` to rebuild it" if preset is not None
                     else f"delete {folder} and load {gguf} again to rebuild it")
     return _named(load_hf(str(folder), **kwargs), preset.name if preset is not None else gguf.stem)
+
+
+def check_gguf(path: Path) -> None:
+    """Refuse (one line) a file that is not a complete GGUF model: wrong magic, empty, truncated."""
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise AdaspecError(f"cannot read {path}: {e.strerror}") from None
+    if magic != b"GGUF":
+        raise AdaspecError(f"{path} is not a GGUF file (it does not start with the GGUF magic bytes"
+                           f"{', it is empty' if not magic else ''}): give a .gguf model file")
+    try:
+        from gguf import GGUFReader
+
+        reader = GGUFReader(str(path))
+        end = max((t.data_offset + t.n_bytes for t in reader.tensors), default=0)
+    except Exception as e:  # noqa: BLE001  any failure of the parser means the file is unusable
+        raise AdaspecError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e}): it may be truncated "
+                           "or damaged; download it again") from None
+    if end > path.stat().st_size:
+        raise AdaspecError(f"{path} is truncated ({path.stat().st_size:,} bytes, its tensors need {end:,}): "
+                           "download it again")
 
 
 def _refuse_damaged(folder: Path, fix: str) -> None:
