@@ -352,8 +352,10 @@ def test_load_hf_errors(tmp_path, monkeypatch):
         raise OSError("We couldn't connect to 'https://huggingface.co'")
 
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", offline)
-    with pytest.raises(AdaspecError, match=r"could not load org/model: .*adaspec models pull org/model"):
-        load_hf("org/model")
+    with pytest.raises(AdaspecError, match=r"could not load org/model: .*a preset name \(`adaspec models list`\)"):
+        load_hf("org/model")  # a hub id is no preset: the advice must not be `adaspec models pull org/model`
+    with pytest.raises(AdaspecError, match=r"damaged or incomplete"):
+        load_hf(str(tmp_path))  # a folder that exists but cannot be loaded
 
 
 def test_absorb_fills_the_cache_like_extend_and_runs_the_head_once(kind):

@@ -232,10 +232,10 @@ def load_hf(
     except ImportError as e:
         raise AdaspecError(f"could not load {source}: {e}; for GGUF files: pip install gguf accelerate") from e
     except Exception as e:  # hub errors, missing files and bad configs all surface here
-        raise AdaspecError(
-            f"could not load {source}: {e}; pass a local folder or GGUF path, "
-            f"or run `adaspec models pull {source}`"
-        ) from e
+        fix = ("the files there are damaged or incomplete: replace them (a preset's converted copy is rebuilt by "
+               "`adaspec models pull NAME`)" if Path(source).exists() else
+               "pass a local folder or GGUF path, or a preset name (`adaspec models list`)")
+        raise AdaspecError(f"could not load {source}: {e}; {fix}") from e
     model.to(device).eval()
     adapter = HFAdapter(model, name=Path(gguf_file).stem if gguf_file else source)
     return adapter, HFTokenizer(tok, eos_token_ids=adapter.eos_token_ids)
