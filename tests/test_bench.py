@@ -262,3 +262,23 @@ def test_bench_run_options_are_what_the_command_line_gave():
                                                                                              "tau_base": 0.0}
     assert run_options(parse("--lambdas", "1", "0", "0", "--stop", "a", "--stop", "b")) == {
         "lambdas": (1.0, 0.0, 0.0), "stop": ("a", "b")}
+
+
+def test_bench_runs_a_prompt_file_grouped_by_category(tmp_path):
+    prompts = tmp_path / "mine.jsonl"
+    prompts.write_text("\n".join(json.dumps(r) for r in [
+        {"id": "a", "prompt": "def add(x, y):", "category": "code"},
+        {"id": "b", "messages": [{"role": "user", "content": "Say 7."}], "category": "chat", "answer": "7",
+         "reference": "7"},
+    ]) + "\n")
+    out = tmp_path / "own"
+    assert main(["bench", "--target", "tiny", "--drafter", "tiny-draft", "--prompts", str(prompts),
+                 "--max-new-tokens", "8", "--out", str(out), "--threads", "1", "--quiet", "--no-cost-model",
+                 "--no-plots", "--methods", "ar,fixed-k2"]) == 0
+    rows = read_rows(out / RECORDS_FILE)
+    assert {(r["record_id"], r["subtask"]) for r in rows} == {("prompts/a", "code"), ("prompts/b", "chat")}
+    assert all(r["error"] is None for r in rows)
+    chat = next(r for r in rows if r["record_id"] == "prompts/b" and r["method"] == "ar")
+    assert chat["task"] is not None and chat["reference"] == "7"
+    report = (out / "report.md").read_text()
+    assert "| code |" in report and "| chat |" in report and "ROUGE-L (chat)" in report

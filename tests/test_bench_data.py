@@ -1,6 +1,8 @@
 """Benchmark prompt suites: Spec-Bench (vendored), GSM8K and HumanEval (pinned PyPI packages)."""
 
 import hashlib
+import json
+import re
 from collections import Counter
 from importlib import metadata
 from pathlib import Path
@@ -151,3 +153,40 @@ def test_split_by_ids_and_errors(spec_bench):
         split(spec_bench, 1.5)
     with pytest.raises(AdaspecError, match="must be unique"):
         split(spec_bench + spec_bench[:1], 0.5)
+
+
+def test_own_prompt_files_load_with_every_field(tmp_path):
+    from adaspec.bench.datasets import load_prompts
+
+    f = tmp_path / "mine.jsonl"
+    f.write_text("\n".join([
+        json.dumps({"id": "q1", "prompt": "What is 2 + 3?", "category": "math", "answer": 5}),
+        "",  # blank lines are skipped
+        json.dumps({"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+                    "reference": "Hello!"}),
+    ]) + "\n")
+    a, b = load_prompts(f)
+    assert (a.id, a.suite, a.subtask, a.prompt, a.extra) == ("prompts/q1", "prompts", "math", "What is 2 + 3?",
+                                                             {"answer": "5"})
+    assert b.id == "prompts/3" and b.subtask == "prompts" and b.prompt == "Hi" and b.reference == "Hello!"
+    assert b.extra["messages"][0] == {"role": "system", "content": "Be brief."}
+
+
+@pytest.mark.parametrize("lines, message", [
+    (['{"prompt": "a"}', "{not json"], "line 2: not JSON"),
+    (['{"category": "x"}'], "line 1: give exactly one of `prompt`"),
+    (['{"prompt": "a", "messages": [{"role": "user", "content": "b"}]}'], "exactly one of"),
+    (['{"prompt": ""}'], "`prompt` must be non-empty"),
+    (['{"messages": [{"role": "robot", "content": "b"}]}'], "`messages` must be"),
+    (['{"prompt": "a", "id": 1}', '{"prompt": "b", "id": 1}'], "line 2: id 1 was used before"),
+    (['{"prompt": "a", "promt": "typo"}'], "unknown field(s) promt"),
+    (['["a"]'], "expected a JSON object"),
+    ([""], "holds no prompts"),
+])
+def test_bad_prompt_files_name_the_line(tmp_path, lines, message):
+    from adaspec.bench.datasets import load_prompts
+
+    f = tmp_path / "bad.jsonl"
+    f.write_text("\n".join(lines) + "\n")
+    with pytest.raises(AdaspecError, match=re.escape(message)):
+        load_prompts(f)

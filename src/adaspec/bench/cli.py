@@ -46,6 +46,9 @@ def register(sub) -> None:
 
 def _common(p: argparse.ArgumentParser, suites, subtasks, limit: int | None = None) -> None:
     p.add_argument("--suite", choices=suites, default="spec-bench", help="prompt suite (default spec-bench)")
+    p.add_argument("--prompts", default=None, metavar="FILE",
+                   help="your own prompts instead of a suite: JSONL with `prompt` or chat `messages`, optional `id`, "
+                        "`category` (the report groups by it), `reference`, `answer` (docs/benchmarks.md)")
     p.add_argument("--limit", type=int, default=limit,
                    help="prompts per subtask for spec-bench (six subtasks), in all for the others "
                         f"(default {'all' if limit is None else limit})")
@@ -86,9 +89,13 @@ def _records(a: argparse.Namespace, exclude: set[str] = frozenset()):
     from adaspec.bench.datasets import _first_per_subtask, load_spec_bench, load_suite
     from adaspec.config import AdaspecError
 
-    if a.subtasks and a.suite != "spec-bench":
+    if a.subtasks and (a.suite != "spec-bench" or a.prompts):
         raise AdaspecError("--subtasks applies to --suite spec-bench only")
-    if a.suite == "spec-bench":
+    if a.prompts:
+        from adaspec.bench.datasets import load_prompts
+
+        records = load_prompts(a.prompts)
+    elif a.suite == "spec-bench":
         subtasks = [s.strip() for s in a.subtasks.split(",")] if a.subtasks else None
         records = load_spec_bench(subtasks=subtasks)
     else:

@@ -91,6 +91,68 @@ def load_humaneval(limit: int | None = None) -> list[Record]:
             for row in rows]
 
 
+PROMPT_FIELDS = ("id", "prompt", "messages", "category", "reference", "answer")
+
+
+def load_prompts(path: str | Path) -> list[Record]:
+    """A user's own prompts: a JSONL file, one object a line, with `prompt` (text) or `messages`
+    (chat turns, each a role and string content) and optionally `id`, `category` (the report
+    groups by it), `reference` (text or a list of acceptable texts, for BLEU/ROUGE) and `answer`
+    (a number the reply should end with, checked like GSM8K's). Errors name the line."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise AdaspecError(f"cannot read the prompt file {path}: {e}") from None
+    records, seen = [], set()
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{path}, line {n}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise AdaspecError(f"{where}: not JSON ({e.msg}); each line must be one JSON object") from None
+        if not isinstance(row, dict):
+            raise AdaspecError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        unknown = set(row) - set(PROMPT_FIELDS)
+        if unknown:
+            raise AdaspecError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}; the fields are "
+                               f"{', '.join(PROMPT_FIELDS)}")
+        prompt, messages = row.get("prompt"), row.get("messages")
+        if (prompt is None) == (messages is None):
+            raise AdaspecError(f"{where}: give exactly one of `prompt` (text) or `messages` (chat turns)")
+        if prompt is not None and not (isinstance(prompt, str) and prompt):
+            raise AdaspecError(f"{where}: `prompt` must be non-empty text")
+        if messages is not None and not (isinstance(messages, list) and messages and all(
+                isinstance(m, dict) and m.get("role") in ("system", "user", "assistant")
+                and isinstance(m.get("content"), str) for m in messages)):
+            raise AdaspecError(f"{where}: `messages` must be a non-empty list of {{\"role\": system/user/assistant, "
+                               "\"content\": text}}")
+        rid = f"prompts/{row.get('id', n)}"
+        if rid in seen:
+            raise AdaspecError(f"{where}: id {row.get('id')!r} was used before; ids must be unique")
+        seen.add(rid)
+        category = row.get("category", "prompts")
+        reference, answer = row.get("reference"), row.get("answer")
+        if not isinstance(category, str) or not category:
+            raise AdaspecError(f"{where}: `category` must be non-empty text")
+        if reference is not None and not (isinstance(reference, str) or (
+                isinstance(reference, list) and all(isinstance(r, str) for r in reference))):
+            raise AdaspecError(f"{where}: `reference` must be text or a list of texts")
+        if answer is not None and not isinstance(answer, (str, int, float)):
+            raise AdaspecError(f"{where}: `answer` must be a number or text")
+        text = prompt if prompt is not None else next((m["content"] for m in reversed(messages)
+                                                       if m["role"] == "user"), messages[-1]["content"])
+        extra = {"messages": messages} if messages is not None else {}
+        if answer is not None:
+            extra["answer"] = str(answer)
+        records.append(Record(rid, "prompts", category, category, text, reference, extra))
+    if not records:
+        raise AdaspecError(f"{path} holds no prompts: write one JSON object per line")
+    return records
+
+
 def load_suite(name: str, limit: int | None = None) -> list[Record]:
     """Dispatch by suite name; limit is per subtask for spec-bench (six of them), else in all."""
     key = name.strip().lower().replace("_", "-")

@@ -101,6 +101,14 @@ class Run:
                 out[f"accuracy ({sub})"] = 100 * statistics.fmean(r["task"]["correct"] for r in got)
         if got := [r for r in pick("humaneval") if r.get("task")]:
             out["pass@1 (humaneval)"] = 100 * statistics.fmean(r["task"]["passed"] for r in got)
+        own = [r for r in rows if r.get("suite") == "prompts" and r.get("text") is not None]  # --prompts FILE
+        for cat in sorted({r["subtask"] for r in own}):
+            mine = [r for r in own if r["subtask"] == cat]
+            if refs := [r for r in mine if isinstance(r.get("reference"), str)]:
+                out[f"ROUGE-L ({cat})"] = 100 * metrics.rouge([r["text"] for r in refs],
+                                                              [r["reference"] for r in refs])["rougeL"]
+            if got := [r for r in mine if r.get("task")]:
+                out[f"accuracy ({cat})"] = 100 * statistics.fmean(r["task"]["correct"] for r in got)
         return out
 
     def option(self, method: str, knob: str, default=None):

@@ -38,9 +38,12 @@ WARMUP_TOKENS = 8
 SETTINGS_KEYS = ("target", "drafter", "max_new_tokens", "options", "chat", "profile")  # must match to resume
 
 
-def prompt_text(record: Record) -> str:
-    """The user turn sent for a record. Spec-Bench's first turn as it is; GSM8K and HumanEval get
-    the one instruction their answer extraction relies on."""
+def prompt_text(record: Record) -> str | list[dict]:
+    """What is sent for a record (Engine.encode takes it): Spec-Bench's first turn as it is, a
+    prompt file's text or chat messages as written; GSM8K and HumanEval get the one instruction
+    their answer extraction relies on."""
+    if "messages" in record.extra:
+        return record.extra["messages"]
     if record.suite == "gsm8k":
         return f"{record.prompt}\nSolve it step by step, then end with: The answer is <number>."
     if record.suite == "humaneval":
@@ -222,7 +225,7 @@ def _run_one(engine, rec: Record, ids: list[int], label: str, planned, rep: int,
                stats=r.stats, info=r.info or None,
                quality=compare_to_ar(r.token_ids, ref_ids if label != "ar" else r.token_ids),
                task=task_metrics(rec, text, passes),
-               reference=rec.reference if rec.subtask in REFERENCE_SUBTASKS else None,
+               reference=rec.reference if rec.subtask in REFERENCE_SUBTASKS or rec.suite == "prompts" else None,
                trace=compact_trace(r.trace) if r.trace else None)
     return row
 
@@ -244,9 +247,9 @@ def task_metrics(rec: Record, text: str | None, passes: dict | None = None) -> d
         return None
     from adaspec.bench import metrics
 
-    if rec.subtask in ANSWER_SUBTASKS:
+    if rec.subtask in ANSWER_SUBTASKS or "answer" in rec.extra:
         pred = metrics.extract_answer(text)
-        ref = rec.reference if isinstance(rec.reference, str) else None
+        ref = rec.extra.get("answer", rec.reference if isinstance(rec.reference, str) else None)
         return {"answer": pred, "correct": metrics.answers_match(pred, ref)}
     if rec.subtask == "humaneval":
         key = (rec.id, text)
