@@ -49,3 +49,15 @@ def test_greedy_speculation_equals_autoregressive_on_smollm2(engine, method):
         accepted += sp.stats.accepted
         rejected += sp.stats.drafted - sp.stats.accepted
     assert accepted > 0 and rejected > 0  # mixed acceptance: both paths exercised
+
+
+def test_the_cli_prints_no_library_warning_or_progress_bar():
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "adaspec.cli", "generate", "Say hi.", "--target", "smollm2-135m",
+                           "--drafter", "none", "--method", "ar", "--max-new-tokens", "3", "--no-warmup"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("[ar] 3 tokens"), proc.stderr  # only adaspec's summary line

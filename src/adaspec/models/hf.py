@@ -17,6 +17,7 @@ transformers is imported inside functions: `import adaspec` should not pay for i
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import inspect
 from pathlib import Path
@@ -53,6 +54,7 @@ class HFAdapter:
         # only the last position's logits: `logits_to_keep` from transformers 4.50, `num_logits_to_keep` before
         forward = inspect.signature(model.forward).parameters
         self._keep_arg = next((k for k in ("logits_to_keep", "num_logits_to_keep") if k in forward), None)
+        self._cache_arg = "cache" if "cache" in forward else "past_key_values"  # transformers 5 renamed it
         config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         out = model.get_output_embeddings()
         self.vocab_size = int(out.weight.shape[0]) if out is not None else int(config.vocab_size)
@@ -93,7 +95,7 @@ class HFAdapter:
         ids = ids.to(self.device, torch.long)
         extra = {} if keep_all or self._keep_arg is None else {self._keep_arg: 1}
         with torch.inference_mode():
-            out = self.model(input_ids=ids[None], past_key_values=self._cache, use_cache=True, **extra)  # (1, n, V)
+            out = self.model(input_ids=ids[None], **{self._cache_arg: self._cache}, use_cache=True, **extra)  # (1, n, V)
         self._pieces.append(ids)
         self._length += n
         return out.logits[0]  # (n, V)
@@ -205,6 +207,20 @@ def _resolve(source: str, gguf_file: str | None) -> tuple[str, str | None]:
     return source, gguf_file
 
 
+@contextlib.contextmanager
+def _quiet_loading():
+    """No per-tensor progress bar from transformers on every load (the CLI prints its own lines)."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
 def load_hf(
     source: str,
     *,
@@ -227,8 +243,9 @@ def load_hf(
 
     extra = {"gguf_file": gguf_file} if gguf_file is not None else {}
     try:
-        tok = AutoTokenizer.from_pretrained(where, **extra)
-        model = AutoModelForCausalLM.from_pretrained(where, **{_dtype_kwarg(): dtype}, **extra)
+        with _quiet_loading():
+            tok = AutoTokenizer.from_pretrained(where, **extra)
+            model = AutoModelForCausalLM.from_pretrained(where, **{_dtype_kwarg(): dtype}, **extra)
     except ImportError as e:
         raise AdaspecError(f"could not load {source}: {e}; for GGUF files: pip install gguf accelerate") from e
     except Exception as e:  # hub errors, missing files and bad configs all surface here
