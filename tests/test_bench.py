@@ -282,3 +282,16 @@ def test_bench_runs_a_prompt_file_grouped_by_category(tmp_path):
     assert chat["task"] is not None and chat["reference"] == "7"
     report = (out / "report.md").read_text()
     assert "| code |" in report and "| chat |" in report and "ROUGE-L (chat)" in report
+
+
+def test_every_method_keeps_one_colour_and_baselines_look_apart():
+    from adaspec.bench.plots import method_styles
+
+    methods = ["ar", "hf-ar", "hf-assisted", *(f"fixed-k{k}" for k in range(2, 9)), "cmasd", "cmasd-k", "cmasd-tau",
+               "entropy", "cost-aware", "ngram", "multi-draft", "oracle", "cmasd:tau_base=0.1"]
+    styles = method_styles(methods)
+    colours = [styles[m]["color"] for m in methods if not m.startswith(("ar", "hf-"))]
+    assert len(set(colours)) == len(colours) == 16  # no two methods share a colour
+    assert all(styles[m].get("hatch") for m in ("ar", "hf-ar", "hf-assisted"))
+    assert not {styles[m]["color"] for m in ("ar", "hf-ar", "hf-assisted")} & set(colours)
+    assert method_styles(["ar", "cmasd", "ngram"])["ngram"] == method_styles(["cmasd", "ngram"])["ngram"]

@@ -18,6 +18,30 @@ SIGNALS = (("c_ent", "c_ent (entropy)"), ("c_logit", "c_logit (logit margin)"),
 ADAPTIVE = ("cmasd", "cmasd-k", "entropy", "confidence-stop", "heuristic", "multi-draft")
 
 
+BASELINES = ("ar", "hf-ar", "hf-assisted", "llamacpp-ar", "llamacpp-spec")  # other engines and plain decoding
+# 20 distinguishable colours for adaspec's methods (matplotlib's tab20, dark shades first); the
+# baselines get greys with a hatch, so they never share a colour with a method.
+_METHOD_COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#bcbd22",
+                   "#17becf", "#393b79", "#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94",
+                   "#f7b6d2", "#dbdb8d", "#9edae5", "#637939"]
+_BASELINE_GREYS = ["#4d4d4d", "#7f7f7f", "#a6a6a6", "#595959", "#8c8c8c"]
+
+
+def method_styles(methods: list[str]) -> dict[str, dict]:
+    """One bar style per method, the same in every plot of a run: a colour of its own for each
+    adaspec method (in run order), grey and hatched for the baselines."""
+    styles, i = {}, 0
+    for m in methods:
+        base = m.split(":")[0]
+        if base in BASELINES:
+            styles[m] = {"color": _BASELINE_GREYS[BASELINES.index(base) % len(_BASELINE_GREYS)], "hatch": "//",
+                         "edgecolor": "white"}
+        else:
+            styles[m] = {"color": _METHOD_COLOURS[i % len(_METHOD_COLOURS)]}
+            i += 1
+    return styles
+
+
 def _plt():
     import matplotlib
 
@@ -48,14 +72,16 @@ def plot_speedup(run: Run, path: Path) -> bool:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(min(14, max(6, 0.25 * len(groups) * len(methods) + 2)), 4))
     width = 0.8 / len(methods)
+    styles = method_styles(run.methods)
     for j, m in enumerate(methods):
         vals = [(s.speedup_specbench if (s := run.summary(m, None if g == "all" else g)) else 0.0) for g in groups]
-        ax.bar([i + (j - (len(methods) - 1) / 2) * width for i in range(len(groups))], vals, width, label=m)
+        ax.bar([i + (j - (len(methods) - 1) / 2) * width for i in range(len(groups))], vals, width, label=m,
+               **styles[m])
     ax.axhline(1.0, color="black", lw=0.8, ls="--")
     ax.set_xticks(range(len(groups)), groups, rotation=20)
     ax.set_ylabel("speedup over ar (Spec-Bench)")
     ax.set_title(_title(run, "speedup per subtask"), fontsize=9)
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)  # beside, not over, the bars
     return _save(fig, path)
 
 
@@ -126,8 +152,9 @@ def plot_accepted_lengths(run: Run, path: Path) -> bool:
     rows = -(-len(counts) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 2.4 * rows + 0.8), sharex=True, sharey=True,
                              squeeze=False)
+    styles = method_styles(run.methods)
     for ax, (m, ns) in zip(axes.flat, counts.items()):
-        ax.bar(range(top + 1), [ns.count(n) / len(ns) for n in range(top + 1)], color="tab:blue")
+        ax.bar(range(top + 1), [ns.count(n) / len(ns) for n in range(top + 1)], **styles[m])
         ax.set_title(f"{m} (mean {sum(ns) / len(ns):.2f})", fontsize=8)
         ax.set_xticks(range(top + 1))
     for ax in axes.flat[len(counts):]:
@@ -213,6 +240,6 @@ def _title(run: Run, what: str) -> str:
 
 def _save(fig, path: Path) -> bool:
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # a legend beside the axes is kept
     _plt().close(fig)
     return True
