@@ -282,6 +282,11 @@ def test_bench_runs_a_prompt_file_grouped_by_category(tmp_path):
     assert chat["task"] is not None and chat["reference"] == "7"
     report = (out / "report.md").read_text()
     assert "| code |" in report and "| chat |" in report and "ROUGE-L (chat)" in report
+    from adaspec.bench.report import Run
+
+    s = Run(out).summary("fixed-k2")
+    assert s.decode_tokens_per_s > s.tokens_per_s > 0 and 0 < s.first_token_s  # prefill excluded; first tokens
+    assert "| decode tok/s | first token s |" in report
 
 
 def test_every_method_keeps_one_colour_and_baselines_look_apart():

@@ -75,6 +75,7 @@ def test_stats_add_up(target, drafters):
     assert s.rollbacks == sum(1 for t in r.trace if not all(t.accepted))
     assert s.drafter_forwards >= s.drafted
     assert min(s.draft_s, s.target_s, s.policy_s) > 0
+    assert s.prefill_s < s.first_token_s < s.total_s  # the first tokens come after the prefill, before the end
     for t in r.trace:
         assert len(t.confidence) == len(t.tokens) == len(t.accepted) == len(t.tau) == t.k
     # every step drafts within [k_min, k_max], except a last step with only one token left to make

@@ -121,7 +121,7 @@ def speculative_generate(target: ModelAdapter, plan: Speculation, prompt_ids: li
         new = finish.keep(draft.tokens[:n].tolist() + [verdict.next_token])  # host sync: tokens leave the device
         seq[L : L + len(new)] = torch.tensor(new, dtype=torch.long)
         L += len(new)
-        ledger.step(draft, verdict, taus)
+        ledger.step(draft, verdict, taus, committed=len(new))
         if new:
             yield new
 
@@ -163,9 +163,11 @@ class Ledger:
     def scored(self) -> None:
         self.stats.target_s += self._lap()
 
-    def step(self, draft: Draft, verdict: Verdict, taus: torch.Tensor) -> None:
+    def step(self, draft: Draft, verdict: Verdict, taus: torch.Tensor, *, committed: int) -> None:
         s, k, n = self.stats, len(draft), verdict.n_accepted
         s.policy_s += self._lap()
+        if committed and not s.first_token_s:
+            s.first_token_s = self._t - self._start
         s.steps += 1
         s.target_forwards += 1
         s.drafted += k

@@ -99,6 +99,7 @@ class Stats:
     accepted: int = 0
     rollbacks: int = 0  # steps in which at least one draft token was rejected
     prefill_s: float = 0.0
+    first_token_s: float = 0.0  # from the start (prefill included) to the first committed tokens
     draft_s: float = 0.0
     target_s: float = 0.0  # the target's forwards (scoring drafts), prefill excluded
     policy_s: float = 0.0  # signals, policy and verification-rule bookkeeping outside model forwards

@@ -30,6 +30,8 @@ class Summary:
     method: str
     n: int  # prompts compared
     tokens_per_s: float  # mean over prompts of new tokens / wall seconds
+    decode_tokens_per_s: float | None  # the same without the prefill (None: not measured, e.g. hf-*)
+    first_token_s: float | None  # mean seconds to the first committed tokens, prefill included
     ar_tokens_per_s: float  # the same, for ar on the same prompts
     speedup_paired: float  # mean over prompts of tok/s method / tok/s ar
     speedup_specbench: float  # mean tok/s method / mean tok/s ar
@@ -72,8 +74,13 @@ class Run:
         measured = len(stats) == len(ids)
         time_s = total("total_s") if measured else 0
         quality = [_compare(mine[i]["token_ids"], ar[i]["token_ids"]) for i in ids]
+        decode = [s["new_tokens"] / (s["total_s"] - s["prefill_s"]) for s in stats
+                  if "prefill_s" in s and s["total_s"] > s["prefill_s"]]
+        first = [s["first_token_s"] for s in stats if s.get("first_token_s")]  # records before it have none
         return Summary(
             method=method, n=len(ids), tokens_per_s=statistics.fmean(tps), ar_tokens_per_s=statistics.fmean(tps_ar),
+            decode_tokens_per_s=statistics.fmean(decode) if measured and len(decode) == len(stats) else None,
+            first_token_s=statistics.fmean(first) if measured and len(first) == len(stats) else None,
             speedup_paired=statistics.fmean(a / b for a, b in zip(tps, tps_ar) if b > 0),
             speedup_specbench=statistics.fmean(tps) / statistics.fmean(tps_ar),
             mean_accepted=(total("new_tokens") / total("target_forwards")
@@ -202,15 +209,16 @@ def _f(x, fmt: str = "{:.2f}", none: str = "—") -> str:
 
 
 def speed_table(run: Run) -> str:
-    rows = ["| Subtask | Method | n | tok/s | speedup (paired) | speedup (Spec-Bench) | accepted / fwd | "
-            "acceptance | rollback | draft | target | policy |", "|---" * 12 + "|"]
+    rows = ["| Subtask | Method | n | tok/s | decode tok/s | first token s | speedup (paired) | speedup (Spec-Bench) | "
+            "accepted / fwd | acceptance | rollback | draft | target | policy |", "|---" * 14 + "|"]
     for sub in ["all", *run.subtasks]:
         for m in run.methods:
             s = run.summary(m, None if sub == "all" else sub)
             if s is None:
                 continue
             sh = s.shares or {}
-            rows.append(f"| {sub} | {m} | {s.n} | {s.tokens_per_s:.1f} | {s.speedup_paired:.2f}x | "
+            rows.append(f"| {sub} | {m} | {s.n} | {s.tokens_per_s:.1f} | {_f(s.decode_tokens_per_s, '{:.1f}')} | "
+                        f"{_f(s.first_token_s)} | {s.speedup_paired:.2f}x | "
                         f"{s.speedup_specbench:.2f}x | {_f(s.mean_accepted)} | {_f(s.acceptance, '{:.1%}')} | "
                         f"{_f(s.rollback, '{:.1%}')} | {_f(sh.get('draft'), '{:.0%}')} | "
                         f"{_f(sh.get('target'), '{:.0%}')} | {_f(sh.get('policy'), '{:.0%}')} |")
@@ -327,11 +335,13 @@ def findings(run: Run) -> list[str]:
     return out
 
 
-_SPEED_LEGEND = """tok/s: new tokens / wall seconds per prompt (prefill included), averaged over prompts.
+_SPEED_LEGEND = """tok/s: new tokens / wall seconds per prompt (prefill included), averaged over prompts. decode
+tok/s: the same without the prefill of both models. first token s: seconds to the first committed tokens
+(prefill and first step), what a streaming user waits.
 speedup (paired): mean over prompts of tok/s(method) / tok/s(ar) on the same prompt. speedup (Spec-Bench):
 mean tok/s(method) / mean tok/s(ar). accepted / fwd: new tokens per target forward (accepted drafts + the
 corrected or bonus token; ar = 1). acceptance: accepted / drafted tokens. rollback: share of steps that
-rejected a draft token. draft / verify / policy: share of generation time spent in drafter forwards, target
+rejected a draft token. draft / target / policy: share of generation time spent in drafter forwards, target
 forwards, and signals, policy and verification-rule bookkeeping (the rest is prefill). — = not measured
 (transformers' generate) or nothing drafted."""
 
