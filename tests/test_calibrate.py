@@ -2,6 +2,7 @@
 the cost-aware policy drafts as the cost model says, the calibrated methods stay lossless, and the
 `calibrate` and `trace` commands work end to end on the toy models."""
 
+import dataclasses
 import json
 import math
 import warnings
@@ -309,3 +310,23 @@ def test_an_explicit_knob_beats_the_profile_from_the_cli(tmp_path, capsys):
     assert run("--k-max", "8")["k_max"] == 8  # explicit, even though 8 is the built-in fallback
     assert run("--k-max", "8", "--entropy-threshold", "0.3")["entropy_threshold"] == 0.3
     assert run()["entropy_threshold"] == profile.entropy_threshold
+
+
+def test_a_profile_from_another_machine_is_priced_with_this_machines_costs(pair, tmp_path, monkeypatch):
+    from adaspec.calibration import cost as cost_module
+    from adaspec.calibration.identity import device_name
+
+    monkeypatch.setenv("ADASPEC_CACHE", str(tmp_path))
+    target, drafter = pair
+    elsewhere = make_profile(target, drafter)  # measured on machine "test" with 1 thread
+    torch.set_num_threads(2)
+    engine = Engine(target, drafter, profile=elsewhere)
+    here = engine.profile.cost
+    assert here.machine == device_name(target.device) and here.threads == 2 and here.target_ms[1] > 0
+    assert engine.profile.acceptance == elsewhere.acceptance  # only the costs are the machine's
+    assert list((tmp_path / "costs").glob("cost-*.json"))
+    monkeypatch.setattr(cost_module, "measure", lambda *a, **k: pytest.fail("measured twice"))
+    assert Engine(target, drafter, profile=elsewhere).profile.cost == here  # cached per machine and pair
+    measured_here = dataclasses.replace(elsewhere, cost=here)
+    assert Engine(target, drafter, profile=measured_here).profile.cost is here  # its own machine: kept
+    assert Engine(target, drafter, profile=elsewhere, local_cost=False).profile.cost == elsewhere.cost

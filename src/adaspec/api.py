@@ -8,11 +8,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
+from adaspec.calibration.cost import cost_here
 from adaspec.calibration.identity import model_identity
 from adaspec.calibration.profile import Profile, load_profile
 from adaspec.config import AdaspecError, GenerationConfig, SpecConfig, make_config
@@ -137,12 +139,16 @@ class Engine:
 
     ``drafter`` is the drafter model's adapter; each request gets the drafter its method names
     (``prepare``): none, that model, prompt lookup, or a pool of them.
+
+    profile: a calibration profile of this very pair. Its cost model is used only on the machine
+    and thread count it was measured with; elsewhere (``local_cost``) the pair's costs are
+    measured here once and cached (calibration.cost.cost_here).
     """
 
     def __init__(self, target: ModelAdapter, drafter: ModelAdapter | None = None,
                  tokenizer: Tokenizer | None = None, *, drafter_tokenizer: Tokenizer | None = None,
                  chat: bool = True, target_name: str | None = None, drafter_name: str | None = None,
-                 profile: Profile | str | Path | None = None):
+                 profile: Profile | str | Path | None = None, local_cost: bool = True):
         if drafter is not None and tokenizer is not None and drafter_tokenizer is not None \
                 and not tokenizer.same_vocab(drafter_tokenizer):
             raise AdaspecError("drafter and target use different tokenizers: speculative decoding needs a "
@@ -157,8 +163,15 @@ class Engine:
         self.drafter_name = drafter_name or (drafter.name if drafter is not None else None)
         self.profile = load_profile(profile)  # read by calibrated methods; refused for another pair
         if self.profile is not None:
-            self.profile.check_pair(model_identity(target, self.target_name),
-                                    model_identity(drafter, self.drafter_name) if drafter is not None else None)
+            ids = (model_identity(target, self.target_name),
+                   model_identity(drafter, self.drafter_name) if drafter is not None else None)
+            self.profile.check_pair(*ids)
+            if local_cost:  # a profile made elsewhere prices drafts with this machine's costs
+                from adaspec.models.registry import cache_dir
+
+                here = cost_here(self.profile.cost, target, drafter, cache=cache_dir() / "costs",
+                                 identity="|".join(str(i.get("fingerprint") or i.get("name")) for i in ids))
+                self.profile = dataclasses.replace(self.profile, cost=here)
 
     def encode(self, prompt: str | list[int] | list[dict], *, chat: bool | None = None) -> list[int]:
         """Prompt ids from text (chat template applied unless chat=False), token ids or chat messages."""

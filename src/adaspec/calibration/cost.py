@@ -11,9 +11,12 @@ The measurement uses whatever thread count torch is set to (it never changes it)
 
 from __future__ import annotations
 
+import hashlib
+import json
 import statistics
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -109,3 +112,29 @@ def measure(target: ModelAdapter, drafter: ModelAdapter | None = None, *, prompt
     target_ms = forward_cost(target, prompt_len, new_tokens, repeats)
     drafter_ms = forward_cost(drafter, prompt_len, (1,), repeats)[1] if drafter is not None else None
     return CostModel(target_ms, drafter_ms, device_name(target.device), torch.get_num_threads())
+
+
+def cost_here(cost: CostModel, target: ModelAdapter, drafter: ModelAdapter | None, *, cache: Path,
+              identity: str) -> CostModel:
+    """The cost model to price drafts with on this machine. A profile's own is used where it was
+    measured: the same CPU (or GPU) and the same torch thread count. Anywhere else the pair is
+    measured here once, a few seconds, and cached under `cache` per machine, thread count and pair
+    (`identity`, e.g. the models' weight fingerprints): another machine's costs would price drafts
+    with the wrong numbers."""
+    machine, threads = device_name(target.device), torch.get_num_threads()
+    if cost.machine == machine and cost.threads == threads:
+        return cost
+    key = hashlib.sha256(f"{machine}|{threads}|{identity}".encode()).hexdigest()[:16]
+    path = Path(cache) / f"cost-{key}.json"
+    if path.is_file():
+        try:
+            return CostModel.from_dict(json.loads(path.read_text()))
+        except (ValueError, KeyError, TypeError, AdaspecError):
+            pass  # damaged: measure again
+    here = measure(target, drafter)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(here.to_dict(), indent=1) + "\n")
+    except OSError:  # a read-only cache: measured again next time
+        pass
+    return here
