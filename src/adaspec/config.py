@@ -272,7 +272,7 @@ OPTIONS: dict[str, Field] = {**GENERATION_KNOBS, **SAMPLING_KNOBS, **SPEC_KNOBS}
 
 def make_config(method: str = "cmasd", **options) -> GenerationConfig:
     """Split flat keyword options into a validated GenerationConfig; unknown names are an error."""
-    unknown = set(options) - set(OPTIONS) | ({"method"} & set(options))
+    unknown = (set(options) - set(OPTIONS)) | ({"method"} & set(options))  # the method is the first argument
     if unknown:
         known = sorted(set(OPTIONS) - {"method"})
         raise AdaspecError(f"unknown option(s) {', '.join(sorted(unknown))}; known options: {', '.join(known)}")

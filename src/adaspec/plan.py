@@ -1,7 +1,7 @@
 """Resolve a request's speculation once, before the loop: its knobs, its policies, its drafter.
 
     spec = resolve_knobs(cfg.spec, profile)       # explicit > profile (calibrated methods) > fallback
-    plan = prepare(spec, drafter, profile)        # length policy, thresholds, rule, draft context
+    plan = prepare(spec, drafter, profile)        # length policy, thresholds, rule, signal settings
 
 `Engine.prepare` does both and picks the drafter the method names (api.py); the decode loop then
 only runs the objects it is given.
