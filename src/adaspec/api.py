@@ -17,7 +17,7 @@ import torch
 from adaspec.calibration.cost import cost_here
 from adaspec.calibration.identity import model_identity
 from adaspec.calibration.profile import Profile, load_profile
-from adaspec.config import AdaspecError, GenerationConfig, SpecConfig, make_config
+from adaspec.config import AdaspecError, GenerationConfig, SpecConfig, check_text, make_config
 from adaspec.decode import check_vocab, speculative_generate
 from adaspec.drafters.base import Drafter
 from adaspec.drafters.model import ModelDrafter
@@ -90,15 +90,6 @@ def check_device(device: str) -> None:
         raise AdaspecError(f"device {device!r} asked for, but this torch sees no CUDA GPU: use --device cpu")
     if dev.type not in ("cpu", "cuda"):
         raise AdaspecError(f"device {device!r} is not supported: use cpu or cuda")
-
-
-def check_text(text: str, what: str) -> None:
-    """Text must be valid Unicode: a lone surrogate (as JSON's \\ud800 escapes make) has no UTF-8 form."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise AdaspecError(f"{what} is not valid Unicode text: a lone surrogate {text[e.start]!r} at character "
-                           f"{e.start}; send UTF-8 text") from None
 
 
 def _gguf_file(source: str) -> str | None:
@@ -221,12 +212,13 @@ class Engine:
         return Stream(speculative_generate(self.target, self.prepare(cfg), ids, cfg, stop=stop),
                       self.tokenizer, cfg.stop)
 
-    def prepare(self, cfg: GenerationConfig, *, drafter: Drafter | None = None) -> Speculation:
+    def prepare(self, cfg: GenerationConfig, *, drafter: Drafter | None = None, warn: bool = True) -> Speculation:
         """A request's speculation, resolved once before the loop: its knobs (explicit > this
         engine's profile, for calibrated methods > built-in fallbacks), the drafter its method names
         (or ``drafter``, e.g. the benchmark's oracle) and its policies. Raises AdaspecError for a
-        method this engine cannot run."""
-        spec = resolve_knobs(cfg.spec, self.profile)
+        method this engine cannot run. warn=False: no warning for a calibrated method without a
+        profile (a check before the run that warns itself)."""
+        spec = resolve_knobs(cfg.spec, self.profile, warn=warn)
         return prepare(spec, drafter if drafter is not None else self.drafter_for(spec), self.profile)
 
     def drafter_for(self, spec: SpecConfig) -> Drafter | None:

@@ -27,6 +27,15 @@ def _check(cond: bool, msg: str) -> None:
         raise AdaspecError(msg)
 
 
+def check_text(text: str, what: str) -> None:
+    """Text must be valid Unicode: a lone surrogate (as JSON's \\ud800 escapes make) has no UTF-8 form."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise AdaspecError(f"{what} is not valid Unicode text: a lone surrogate {text[e.start]!r} at character "
+                           f"{e.start}; send UTF-8 text") from None
+
+
 def knob(default, doc: str, *, fallback=None, choices: tuple[str, ...] | None = None, cli: bool = True):
     """A configuration field with its documentation.
 
@@ -249,11 +258,7 @@ class GenerationConfig:
         _check(all(isinstance(s, str) and s for s in self.stop),
                f"stop strings must be non-empty strings, got {self.stop!r}")
         for s in self.stop:
-            try:
-                s.encode("utf-8")
-            except UnicodeEncodeError:
-                raise AdaspecError(f"stop string {s!r} is not valid Unicode text (a lone surrogate); send UTF-8 "
-                                   "text") from None
+            check_text(s, f"stop string {s!r}")
         self.sampling.validate()
         self.spec.validate()
         return self

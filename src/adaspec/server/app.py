@@ -206,7 +206,7 @@ class Service:
         except (AdaspecError, TypeError, ValueError) as e:
             raise APIError(400, str(e), param=_param_of(str(e))) from None
         try:
-            self.engine.prepare(cfg)  # a method this engine cannot run (no drafter model) is a 400
+            self.engine.prepare(cfg, warn=False)  # a method this engine cannot run is a 400; the run warns
         except AdaspecError as e:
             raise APIError(400, str(e), param="speculation.method") from None
         return method, options
