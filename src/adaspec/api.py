@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -34,6 +35,30 @@ __all__ = ["DEFAULT_DRAFTER", "DEFAULT_TARGET", "Engine", "Stream", "generate", 
 DEFAULT_TARGET = "qwen2.5-coder-1.5b"
 DEFAULT_DRAFTER = "qwen2.5-coder-0.5b"
 DRAFTER_RUNTIMES = ("auto", "hf")
+QUANTS = ("auto", "none", "int8", "q4k")
+# The fastest lossless method measured for the default pair with its shipped profile (README,
+# "What it does"; docs/benchmarks.md names the run). Engine.default_method falls back from it.
+DEFAULT_METHOD = "cost-aware"
+# Calibration profiles shipped with the package: (target, drafter, quant) -> file in calibration/profiles.
+SHIPPED_PROFILES = {(DEFAULT_TARGET, DEFAULT_DRAFTER, "int8"): "qwen2.5-coder-int8.json"}
+
+
+def resolve_quant(quant: str | None, source, *, device: str = "cpu", dtype: torch.dtype = torch.float32) -> str | None:
+    """The quantisation a model loads with. "auto" (the default) is int8 for a real float32 model on
+    the CPU, the fast runtime (docs/runtime.md), and none for the built-in toy models, adapters
+    passed in, GPUs and other dtypes; "none" or None: as loaded; "int8" / "q4k": that."""
+    if quant not in (None, *QUANTS):
+        raise AdaspecError(f"unknown quantisation {quant!r}; choose one of {', '.join(QUANTS)}")
+    if quant == "auto":
+        real = isinstance(source, str) and source not in ("tiny", "tiny-draft")
+        return "int8" if real and dtype == torch.float32 and torch.device(device).type == "cpu" else None
+    return None if quant == "none" else quant
+
+
+def shipped_profile(target, drafter, quant: str | None) -> Path | None:
+    """The profile that ships for this pair and quantisation, if any."""
+    name = SHIPPED_PROFILES.get((target, drafter, quant)) if isinstance(target, str) and isinstance(drafter, str) else None
+    return Path(__file__).parent / "calibration" / "profiles" / name if name else None
 
 
 def load_model(source: str | ModelAdapter, *, dtype: torch.dtype = torch.float32, device: str = "cpu",
@@ -48,7 +73,10 @@ def load_model(source: str | ModelAdapter, *, dtype: torch.dtype = torch.float32
     runtime with one kernel call per projection (models/fast.py; its cost against transformers'
     forward is in docs/method.md); drafters only steer proposals, so this never changes what is
     generated. drafter_runtime="hf" keeps transformers' forward.
+
+    quant: "auto" (int8 for a real model on the CPU), "none", "int8" or "q4k" (resolve_quant).
     """
+    quant = resolve_quant(quant, source, device=device, dtype=dtype)
     if drafter_runtime not in DRAFTER_RUNTIMES:
         raise AdaspecError(f"unknown drafter runtime {drafter_runtime!r}; choose one of {', '.join(DRAFTER_RUNTIMES)}")
     if not isinstance(source, str):
@@ -152,17 +180,33 @@ class Engine:
         self.extra_drafters: list[tuple[Drafter, float]] = []
         self.target_name = target_name or target.name
         self.drafter_name = drafter_name or (drafter.name if drafter is not None else None)
-        self.profile = load_profile(profile)  # read by calibrated methods; refused for another pair
-        if self.profile is not None:
-            ids = (model_identity(target, self.target_name),
-                   model_identity(drafter, self.drafter_name) if drafter is not None else None)
-            self.profile.check_pair(*ids)
-            if local_cost:  # a profile made elsewhere prices drafts with this machine's costs
-                from adaspec.models.registry import cache_dir
+        self.profile: Profile | None = None  # read by calibrated methods
+        self.local_cost = local_cost
+        if profile is not None:
+            self.use_profile(profile)
 
-                here = cost_here(self.profile.cost, target, drafter, cache=cache_dir() / "costs",
-                                 identity="|".join(str(i.get("fingerprint") or i.get("name")) for i in ids))
-                self.profile = dataclasses.replace(self.profile, cost=here)
+    def use_profile(self, profile: Profile | str | Path, *, shipped: bool = False) -> None:
+        """Read this calibration profile from now on. A profile made for another pair is refused
+        (AdaspecError); a shipped one that does not fit is passed over with a warning. With
+        local_cost, a profile made elsewhere prices drafts with this machine's costs."""
+        p = load_profile(profile)
+        ids = (model_identity(self.target, self.target_name),
+               model_identity(self.drafter, self.drafter_name) if self.drafter is not None else None)
+        try:
+            p.check_pair(*ids)
+        except AdaspecError as e:
+            if not shipped:
+                raise
+            warnings.warn(f"the profile shipped for this pair does not fit the models loaded ({e}); calibrated "
+                          "methods use their fallbacks", stacklevel=3)
+            return
+        if self.local_cost:
+            from adaspec.models.registry import cache_dir
+
+            here = cost_here(p.cost, self.target, self.drafter, cache=cache_dir() / "costs",
+                             identity="|".join(str(i.get("fingerprint") or i.get("name")) for i in ids))
+            p = dataclasses.replace(p, cost=here)
+        self.profile = p
 
     def encode(self, prompt: str | list[int] | list[dict], *, chat: bool | None = None) -> list[int]:
         """Prompt ids from text (chat template applied unless chat=False), token ids or chat messages."""
@@ -202,9 +246,19 @@ class Engine:
         if self.tokenizer is None:
             raise AdaspecError("this engine has no tokenizer: pass token ids instead of text")
 
-    def stream(self, prompt, *, method: str = "cmasd", chat: bool | None = None, **options) -> "Stream":
-        """Generate incrementally: iterate the returned Stream for text (or id) chunks; then read .result."""
-        cfg = make_config(method, **options)
+    @property
+    def default_method(self) -> str:
+        """The method a request that names none runs: the best measured one (DEFAULT_METHOD) when
+        this engine has a profile, the uncalibrated adaptive `cmasd` with a drafter model and no
+        profile, prompt lookup (`ngram`) without a drafter model."""
+        if self.drafter is None:
+            return "ngram"
+        return DEFAULT_METHOD if self.profile is not None else "cmasd"
+
+    def stream(self, prompt, *, method: str | None = None, chat: bool | None = None, **options) -> "Stream":
+        """Generate incrementally: iterate the returned Stream for text (or id) chunks; then read .result.
+        method=None: ``default_method``."""
+        cfg = make_config(method or self.default_method, **options)
         ids = self.encode(prompt, chat=chat)
         if cfg.stop and self.tokenizer is None:
             raise AdaspecError("stop strings need a tokenizer: this engine has none")
@@ -259,7 +313,7 @@ class Engine:
                 priors[model.name] = float(rate)
         return DrafterPool(models, ngram, target_ms, priors=priors, skip_entropy=spec.skip_entropy)
 
-    def generate(self, prompt, *, method: str = "cmasd", chat: bool | None = None, **options) -> Result:
+    def generate(self, prompt, *, method: str | None = None, chat: bool | None = None, **options) -> Result:
         s = self.stream(prompt, method=method, chat=chat, **options)
         for _ in s:
             pass
@@ -321,31 +375,39 @@ class Stream:
 
 
 def load(target: str | ModelAdapter = DEFAULT_TARGET, drafter: str | ModelAdapter | None = DEFAULT_DRAFTER, *,
-         dtype: torch.dtype = torch.float32, device: str = "cpu", quant: str | None = None,
-         chat: bool = True, profile: Profile | str | Path | None = None, drafter_runtime: str = "auto",
+         dtype: torch.dtype = torch.float32, device: str = "cpu", quant: str | None = "auto",
+         chat: bool = True, profile: Profile | str | Path | bool | None = None, drafter_runtime: str = "auto",
          early_exit: int | None = None) -> Engine:
     """Load a target and drafter (preset names, local paths, hub ids, adapters) into an Engine.
 
-    profile: a calibration profile (or its JSON path) from `adaspec calibrate` for this very pair.
+    quant: "auto" (default: int8 for real models on the CPU), "none", "int8" or "q4k" (resolve_quant).
+    profile: a calibration profile (or its JSON path) from `adaspec calibrate` for this very pair;
+    None: the profile that ships for this pair and quantisation (the default pair in int8), if any;
+    False: none.
     drafter_runtime: "auto" (adaspec's runtime for int8 Llama-family drafters) or "hf" (see load_model).
     early_exit: also give the drafter pool (``multi-draft``) the target's first ``early_exit`` layers
     as a drafter (docs/method.md, "Early-exit drafter").
     """
-    t_model, t_tok = load_model(target, dtype=dtype, device=device, quant=quant)
+    quant = resolve_quant(quant, target, device=device, dtype=dtype)
+    shipped = shipped_profile(target, drafter, quant) if profile is None else None
+    t_model, t_tok = load_model(target, dtype=dtype, device=device, quant=quant or "none")
     d_model, d_tok = (None, None)
     if drafter is not None:
-        d_model, d_tok = load_model(drafter, dtype=dtype, device=device, quant=quant, role="drafter",
+        d_model, d_tok = load_model(drafter, dtype=dtype, device=device, quant=quant or "none", role="drafter",
                                     drafter_runtime=drafter_runtime)
     engine = Engine(t_model, d_model, t_tok, drafter_tokenizer=d_tok, chat=chat,
                     target_name=target if isinstance(target, str) else None,
-                    drafter_name=drafter if isinstance(drafter, str) else None, profile=profile)
+                    drafter_name=drafter if isinstance(drafter, str) else None,
+                    profile=profile if profile is not False else None)
+    if shipped is not None:
+        engine.use_profile(shipped, shipped=True)
     if early_exit is not None:
         engine.extra_drafters.append(early_exit_drafter(t_model, early_exit))
     return engine
 
 
 def generate(prompt, *, target: str | ModelAdapter | Engine = DEFAULT_TARGET,
-             drafter: str | ModelAdapter | None = DEFAULT_DRAFTER, method: str = "cmasd",
+             drafter: str | ModelAdapter | None = DEFAULT_DRAFTER, method: str | None = None,
              tokenizer: Tokenizer | None = None, **options) -> Result:
     """One-call generation. ``target`` may be an Engine, a model adapter, or a name/path to load."""
     if isinstance(target, Engine):

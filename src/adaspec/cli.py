@@ -21,7 +21,7 @@ def _torch_dtype(name: str):
 
 
 def add_model_args(p: argparse.ArgumentParser, *, drafter: bool = True) -> None:
-    from adaspec.api import DEFAULT_DRAFTER, DEFAULT_TARGET
+    from adaspec.api import DEFAULT_DRAFTER, DEFAULT_TARGET, QUANTS
 
     p.add_argument("--target", default=DEFAULT_TARGET,
                    help=f"target model: preset name (see `adaspec models list`), local folder, .gguf path, hub id, "
@@ -35,10 +35,11 @@ def add_model_args(p: argparse.ArgumentParser, *, drafter: bool = True) -> None:
         p.add_argument("--early-exit", type=int, default=None, metavar="N",
                        help="give multi-draft's pool the target's first N layers as one more drafter")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="weights dtype (default: float32)")
-    p.add_argument("--quant", choices=("int8", "q4k"), default=None,
-                   help="quantise linear layers for the CPU: int8 (per-channel weights, per-row activations) or "
-                        "q4k (experimental: a GGUF model's own Q4_K weights, int8 for the rest); slightly lossy "
-                        "versus float32, and speculation stays lossless versus the quantised target")
+    p.add_argument("--quant", choices=QUANTS, default="auto",
+                   help="quantise linear layers for the CPU: int8 (per-channel weights, per-row activations), "
+                        "q4k (experimental: a GGUF model's own Q4_K weights, int8 for the rest) or none; auto "
+                        "(default) is int8 for real float32 models on the CPU and none otherwise. Quantising is "
+                        "slightly lossy versus float32; speculation stays lossless versus the quantised target")
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 
@@ -58,7 +59,8 @@ def add_option_args(p: argparse.ArgumentParser) -> None:
             if f.metadata["cli"]:
                 g.add_argument("--" + name.replace("_", "-"), **_flag(name, f, hints[name]))
     p.add_argument("--profile", default=None, metavar="PATH", help="calibration profile of this pair from "
-                   "`adaspec calibrate`, read by the calibrated methods (docs/calibration.md)")
+                   "`adaspec calibrate`, read by the calibrated methods (docs/calibration.md); default: the "
+                   "profile shipped for the pair, if any (the default pair in int8); `none`: no profile")
 
 
 def _owner(title: str):
@@ -70,8 +72,9 @@ def _flag(name: str, f, hint) -> dict:
     kw: dict = {"default": None, "help": doc(f), "dest": name}
     optional = typing.get_origin(hint) in (typing.Union, types.UnionType)
     kind = next(a for a in typing.get_args(hint) if a is not type(None)) if optional else hint
-    if name == "method":
-        kw["default"] = f.default  # a method is never unset
+    if name == "method":  # unset: the engine's default_method (the best measured for the pair)
+        kw["help"] += ("; default: cost-aware when the pair has a profile (the default pair ships one), "
+                       "else cmasd, or ngram without a drafter")
     if f.metadata["choices"]:
         kw["choices"] = f.metadata["choices"]
     elif kind is bool:
@@ -109,8 +112,9 @@ def load_engine(a: argparse.Namespace, *, need_drafter: bool = True):
             raise AdaspecError(f"--threads must be at least 1, got {a.threads}")
         torch.set_num_threads(a.threads)
     drafter = None if getattr(a, "drafter", "none") in (None, "none") else a.drafter
+    profile = getattr(a, "profile", None)
     return load(a.target, drafter, dtype=_torch_dtype(a.dtype), device=a.device, quant=a.quant,
-                chat=not getattr(a, "raw", False), profile=getattr(a, "profile", None),
+                chat=not getattr(a, "raw", False), profile=False if profile == "none" else profile,
                 drafter_runtime=getattr(a, "drafter_runtime", "auto"), early_exit=getattr(a, "early_exit", None))
 
 
@@ -125,18 +129,19 @@ def cmd_generate(a: argparse.Namespace) -> int:
     prompt = sys.stdin.read() if a.prompt == "-" else a.prompt
     engine = load_engine(a)
     opts = option_values(a)
+    method = a.method or engine.default_method
     if a.warmup:
-        engine.generate(prompt, method=a.method, **{**opts, "max_new_tokens": 2, "stop": ()})
+        engine.generate(prompt, method=method, **{**opts, "max_new_tokens": 2, "stop": ()})
     if a.json:
-        r = engine.generate(prompt, method=a.method, trace=a.trace, **opts)
+        r = engine.generate(prompt, method=method, trace=a.trace, **opts)
         out = {"result": r.to_dict()}
     else:
-        stream = engine.stream(prompt, method=a.method, **opts)
+        stream = engine.stream(prompt, method=method, **opts)
         for chunk in stream:
             print(chunk if isinstance(chunk, str) else " ".join(map(str, chunk)), end="", flush=True)
         print()
         r = stream.result
-        print(summary_line(a.method, r), file=sys.stderr)
+        print(summary_line(method, r), file=sys.stderr)
     if a.compare:
         base = engine.generate(prompt, method="ar", **opts)
         same = base.token_ids == r.token_ids

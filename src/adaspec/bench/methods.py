@@ -6,6 +6,8 @@ A method name resolves, in this order, to
   target's known greedy continuation (the `ar` output of the same prompt), capped at k_max;
 - `hf-ar` / `hf-assisted`: transformers' own `generate`, greedy, plain or with the drafter as
   `assistant_model` and transformers' default schedule and confidence threshold;
+- `llamacpp-ar` / `llamacpp-spec`: llama.cpp on the same GGUF files, plain or with its own
+  speculative decoding at its defaults (bench/anchors.py; needs the `anchors` extra);
 - `fixed-kN` (any N): the `fixed` preset with k = N;
 - any method of `adaspec.config.METHODS` (ar, fixed, heuristic, confidence-stop, cmasd, cmasd-k,
   cmasd-tau, entropy, ...), run by the adaspec engine. `cmasd-tau` defaults to tau_base = 0.1 (it
@@ -21,57 +23,16 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from functools import cache
 
 import torch
 
+from adaspec.bench import anchors
+from adaspec.bench.protocol import BenchMethod, MethodContext, MethodFn, MethodRun, MethodSkipped  # noqa: F401
 from adaspec.config import METHODS, SAMPLING_KNOBS, SPEC_KNOBS, AdaspecError, make_config
 from adaspec.drafters.base import DraftContext
 from adaspec.drafters.model import ModelDrafter
-from adaspec.records import Draft, TraceStep
-
-
-class MethodSkipped(AdaspecError):
-    """This method cannot run with these models (e.g. hf-* with the built-in toy models)."""
-
-
-@dataclass
-class MethodRun:
-    """One generation by one method: what every method returns."""
-
-    token_ids: list[int]  # new tokens only, EOS included when the generation ended on it
-    wall_s: float  # wall-clock seconds of the whole generation (prefill included), tokenisation excluded
-    new_tokens: int  # len(token_ids)
-    finish_reason: str  # "length" | "eos" | "stop"
-    lossless: bool  # whether the method claims to reproduce the target's own decoding exactly
-    stats: dict | None = None  # adaspec `Stats.to_dict()`; None for transformers' generate
-    trace: list[TraceStep] | None = None  # per-step trace when requested and available
-    info: dict = field(default_factory=dict)  # effective settings worth recording (e.g. hf-assisted's schedule)
-
-
-@dataclass
-class MethodContext:
-    """What a method is given; every method of one prompt sees the same prompt ids."""
-
-    engine: object  # adaspec.api.Engine
-    prompt_ids: list[int]
-    options: dict  # flat knob options for `adaspec.api.make_config`, incl. max_new_tokens
-    reference_ids: list[int] | None = None  # the `ar` output for this prompt (the oracle needs it)
-    trace: bool = False  # record per-step traces where the method has them
-
-
-MethodFn = Callable[[MethodContext], MethodRun]
-
-
-@dataclass(frozen=True)
-class BenchMethod:
-    name: str
-    fn: MethodFn
-    needs_drafter: bool = True  # skipped when the engine has no drafter model
-    needs_reference: bool = False  # run after `ar` on the same prompt, given its output
-    description: str = ""
-    defaults: dict = field(default_factory=dict)  # knob defaults, below the run's options
+from adaspec.records import Draft
 
 
 def method_options(method: BenchMethod, run_options: dict, overrides: dict) -> dict:
@@ -83,11 +44,13 @@ BENCH_METHODS: dict[str, BenchMethod] = {}  # registered by name; the adaspec me
 
 
 def register_method(name: str, fn: MethodFn, *, needs_drafter: bool = True, needs_reference: bool = False,
-                    description: str = "", defaults: dict | None = None) -> BenchMethod:
+                    description: str = "", defaults: dict | None = None,
+                    check: Callable[[object], None] | None = None) -> BenchMethod:
     """Add (or replace) a named method; `parse_label` finds registered names before built-in ones."""
     if not re.fullmatch(r"[A-Za-z0-9][\w.-]*", name):
         raise AdaspecError(f"method names are letters, digits, '.', '_' and '-', got {name!r}")
-    BENCH_METHODS[name] = BenchMethod(name, fn, needs_drafter, needs_reference, description, dict(defaults or {}))
+    BENCH_METHODS[name] = BenchMethod(name, fn, needs_drafter, needs_reference, description, dict(defaults or {}),
+                                      check)
     return BENCH_METHODS[name]
 
 
@@ -326,7 +289,20 @@ def hf_assisted_defaults(assistant_model) -> dict:
 
 register_method("oracle", _oracle, needs_reference=True,
                 description="real drafter, stopped before its first token that disagrees with ar's output")
+def _hf_check(assistant: bool):
+    def check(engine) -> None:
+        hf_model(engine.target, "target")
+        if assistant and engine.drafter is not None:
+            hf_model(engine.drafter, "drafter")
+    return check
+
+
 register_method("hf-ar", lambda ctx: _hf_generate(ctx, assistant=False), needs_drafter=False,
-                description="transformers generate, greedy")
+                description="transformers generate, greedy", check=_hf_check(False))
 register_method("hf-assisted", lambda ctx: _hf_generate(ctx, assistant=True),
-                description="transformers generate(assistant_model=drafter), default schedule and threshold")
+                description="transformers generate(assistant_model=drafter), default schedule and threshold",
+                check=_hf_check(True))
+register_method("llamacpp-ar", anchors.llamacpp_ar, needs_drafter=False, check=anchors.available(False),
+                description="llama.cpp (llama-cpp-python) plain greedy decoding on the same GGUF")
+register_method("llamacpp-spec", anchors.llamacpp_spec, check=anchors.available(True),
+                description="llama.cpp's speculative decoding with the draft model, at its defaults")

@@ -118,6 +118,20 @@ class Run:
                 out[f"accuracy ({cat})"] = 100 * statistics.fmean(r["task"]["correct"] for r in got)
         return out
 
+    def runtime(self, method: str) -> str:
+        """Which engine ran a method: "adaspec", or another one's name (the llamacpp-* anchors)."""
+        row = next(iter(self.prompts.get(method, {}).values()), None)
+        return ((row or {}).get("info") or {}).get("runtime", "adaspec")
+
+    def same_as(self, method: str, reference: str) -> tuple[int, int, float] | None:
+        """(identical outputs, prompts compared, mean token agreement) of method against reference."""
+        mine, ref = self.prompts.get(method, {}), self.prompts.get(reference, {})
+        ids = [i for i in mine if i in ref]
+        if not ids:
+            return None
+        q = [_compare(mine[i]["token_ids"], ref[i]["token_ids"]) for i in ids]
+        return sum(x[0] for x in q), len(ids), statistics.fmean(x[1] for x in q)
+
     def option(self, method: str, knob: str, default=None):
         return self.meta.get("method_options", {}).get(method, {}).get(knob, default)
 
@@ -178,11 +192,11 @@ def provenance(meta: dict) -> str:
     t, d = meta.get("target") or {}, meta.get("drafter") or {}
     sessions = meta.get("sessions", [])
     lines = [f"- command: `{meta.get('command', '?')}`", f"- machine: {machine_line(meta)}",
-             f"- versions: " + ", ".join(f"{k} {v}" for k, v in meta.get("versions", {}).items()),
+             "- versions: " + ", ".join(f"{k} {v}" for k, v in meta.get("versions", {}).items()),
              f"- target: {_model_line(t)}", f"- drafter: {_model_line(d) if d else 'none'}",
              f"- max_new_tokens {meta.get('max_new_tokens')}, repeats {meta.get('repeats', 1)}, "
              f"warm-up {'on' if meta.get('warmup', True) else 'off'}, prompts {len(meta.get('records', []))}",
-             f"- sessions: " + "; ".join(f"{s['start']} to {s.get('end') or 'unfinished'}" for s in sessions)]
+             "- sessions: " + "; ".join(f"{s['start']} to {s.get('end') or 'unfinished'}" for s in sessions)]
     if meta.get("skipped_methods"):
         lines += [f"- skipped {m}: {why}" for m, why in meta["skipped_methods"].items()]
     return "\n".join(lines)
@@ -234,7 +248,8 @@ def quality_table(run: Run) -> str:
         s = run.summary(m)
         if s is None:
             continue
-        same = f"{s.identical}/{s.n}" + (" **BUG**" if s.lossless and s.greedy and s.identical < s.n else "")
+        bug = s.lossless and s.greedy and s.identical < s.n and run.runtime(m) == "adaspec"
+        same = f"{s.identical}/{s.n}" + (" **BUG**" if bug else "")
         cells = [_f(task[m].get(c), "{:.1f}") for c in cols]
         rows.append(f"| {m} | {'yes' if s.lossless else 'no'} | {same} | {s.agreement:.1%} | " + " | ".join(cells)
                     + (" |" if cells else "|"))
@@ -300,7 +315,45 @@ def method_notes(run: Run) -> list[str]:
         if m == "oracle":
             notes.append("oracle: an upper bound, not a method: it knows ar's output and drafts exactly as far as it "
                          "would be accepted.")
+        if run.runtime(m) == "llama.cpp":
+            notes.append(_llamacpp_note(run, m))
     return notes
+
+
+def _llamacpp_note(run: Run, m: str) -> str:
+    text = (f"{m}: llama.cpp through llama-cpp-python on the GGUF's own Q4_K_M weights, a different "
+            "quantisation of the same model than adaspec's, so its tokens are not expected to equal ar's")
+    if m == "llamacpp-spec":
+        text += (" (llama.cpp's speculative-simple loop re-implemented on its C API, draft-simple defaults: "
+                 "n_max 3, n_min 0, p_min 0; the binary is not part of llama-cpp-python)")
+        if same := run.same_as(m, "llamacpp-ar"):
+            text += (f"; identical to llamacpp-ar on {same[0]}/{same[1]} prompts, token agreement {same[2]:.1%} "
+                     "(llama.cpp's batched logits are not bit-identical to its one-token ones)")
+    return text + "."
+
+
+def llamacpp_findings(run: Run) -> list[str]:
+    """Where adaspec stands against plain llama.cpp on the same prompts, overall and per subtask."""
+    out = []
+    ours = [m for m in run.methods if run.runtime(m) == "adaspec" and run.base_method(m) != "oracle"
+            and not m.startswith("hf-") and (s := run.summary(m)) is not None and s.lossless]
+    for sub in ["all", *run.subtasks]:
+        key = None if sub == "all" else sub
+        base = run.summary("llamacpp-ar", key)
+        mine = [s for m in ours if (s := run.summary(m, key)) is not None]
+        if base is None or not mine:
+            continue
+        best = max(mine, key=lambda s: s.tokens_per_s)
+        where = "overall" if key is None else f"on {sub}"
+        line = (f"{where}: llamacpp-ar {base.tokens_per_s:.1f} tok/s; adaspec's fastest lossless method "
+                f"{best.method} {best.tokens_per_s:.1f} tok/s = {best.tokens_per_s / base.tokens_per_s:.2f}x llama.cpp")
+        if spec := run.summary("llamacpp-spec", key):
+            line += f"; llamacpp-spec {spec.tokens_per_s:.1f} tok/s"
+        if slow := [s for s in mine if s.tokens_per_s < base.tokens_per_s]:
+            line += "; slower than plain llama.cpp: " + ", ".join(
+                f"{s.method} {s.tokens_per_s / base.tokens_per_s:.2f}x" for s in slow)
+        out.append(line + ".")
+    return out
 
 
 def findings(run: Run) -> list[str]:
@@ -308,11 +361,13 @@ def findings(run: Run) -> list[str]:
     out = []
     for m in run.methods:
         s = run.summary(m)
-        if s and s.lossless and s.greedy and s.identical < s.n:
+        if s and s.lossless and s.greedy and s.identical < s.n and run.runtime(m) == "adaspec":
             out.append(f"**BUG**: {m} is lossless but its output differs from ar on {s.n - s.identical} of {s.n} "
                        "prompts (a near-tie in the logits can also do this in float32; rerun with --dtype float64 "
                        "to tell them apart).")
-    ours = [m for m in run.methods if m != "ar" and not m.startswith("hf-") and run.base_method(m) != "oracle"]
+    out += llamacpp_findings(run)
+    ours = [m for m in run.methods if m != "ar" and not m.startswith("hf-") and run.base_method(m) != "oracle"
+            and run.runtime(m) == "adaspec"]
     for sub in ["all", *run.subtasks]:
         where = "overall" if sub == "all" else f"on {sub}"
         key = None if sub == "all" else sub
@@ -329,7 +384,7 @@ def findings(run: Run) -> list[str]:
         out.append(f"transformers' plain generate (hf-ar) is {hf_ar.speedup_specbench:.2f}x as fast as adaspec's ar "
                    "loop: speedups over ar are measured against the slower baseline.")
     for m in run.methods:
-        if (s := run.summary(m)) and not s.lossless:
+        if (s := run.summary(m)) and not s.lossless and run.runtime(m) == "adaspec":
             out.append(f"{m} is lossy: {s.agreement:.1%} token agreement with ar, {s.identical}/{s.n} outputs "
                        "identical.")
     return out

@@ -129,11 +129,9 @@ def _plan(engine, labels: list[str], options: dict) -> tuple[dict[str, tuple], d
         if method.needs_drafter and engine.drafter is None:
             skipped[label] = "needs a drafter model (--drafter)"
             continue
-        if method.name.startswith("hf-"):
+        if method.check is not None:
             try:
-                M.hf_model(engine.target, "target")
-                if method.name == "hf-assisted" and engine.drafter is not None:
-                    M.hf_model(engine.drafter, "drafter")
+                method.check(engine)
             except M.MethodSkipped as e:
                 skipped[label] = str(e)
                 continue

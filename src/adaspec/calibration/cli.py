@@ -125,7 +125,7 @@ def cmd_trace(a: argparse.Namespace) -> int:
     prompt = sys.stdin.read() if a.prompt == "-" else a.prompt
     engine = load_engine(a)
     opts = option_values(a)
-    method = a.method
+    method = a.method or engine.default_method
     r = engine.generate(prompt, method=method, trace=True, **opts)
     if r.trace is None or not r.trace:
         raise AdaspecError(f"method {method!r} produced no trace (plain decoding has no drafts)")

@@ -16,6 +16,8 @@ what is still queued then is answered 503 and the running generation is cancelle
 
 from __future__ import annotations
 
+
+import dataclasses
 import asyncio
 import hmac
 import json
@@ -45,7 +47,7 @@ POLL_S = 0.25  # how often a waiting non-streamed request checks whether its cli
 
 @dataclass
 class ServerSettings:
-    method: str = "cmasd"  # speculation method of requests that name none
+    method: str | None = None  # speculation method of requests that name none (None: the engine's default_method)
     defaults: dict = field(default_factory=dict)  # make_config options requests start from (the CLI's knobs)
     api_key: str | None = None  # when set, every endpoint but /health needs "Authorization: Bearer <key>"
     queue_size: int = 16  # requests that may wait while one runs
@@ -60,7 +62,7 @@ class ServerSettings:
             raise AdaspecError(f"request_timeout must be >= 0 seconds (0 = no limit), got {self.request_timeout!r}")
         if not self.max_body_bytes >= 1:
             raise AdaspecError(f"max_body_bytes must be >= 1, got {self.max_body_bytes!r}")
-        make_config(self.method, **self.defaults)  # bad defaults fail at start, not on every request
+        make_config(self.method or "ar", **self.defaults)  # bad defaults fail at start, not on every request
         return self
 
 
@@ -93,6 +95,8 @@ class Service:
     def __init__(self, engine: Engine, settings: ServerSettings):
         if engine.tokenizer is None:
             raise AdaspecError("the server needs an engine with a tokenizer (it speaks text)")
+        if settings.method is None:
+            settings = dataclasses.replace(settings, method=engine.default_method)
         self.engine, self.settings = engine, settings.validate()
         self.model_name = settings.model_name or engine.target_name
         self.started = int(time.time())

@@ -1,0 +1,113 @@
+"""The fastest lossless setup is the default: int8 on the CPU, the shipped profile of the default
+pair loaded by itself (and passed over with a warning when it does not fit), the best measured
+method when a profile is there, and every default overridable (--quant none, --profile none,
+--method)."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+
+import adaspec.api as api
+from adaspec.api import Engine, resolve_quant, shipped_profile
+from adaspec.calibration.profile import Profile
+from adaspec.cli import build_parser, main
+from adaspec.config import AdaspecError
+from adaspec.models.tiny import perturbed_copy, tiny_model
+from test_calibrate import make_profile
+
+
+def test_auto_quantisation_is_int8_for_real_float32_models_on_the_cpu():
+    assert resolve_quant("auto", "qwen2.5-coder-1.5b") == "int8"
+    assert resolve_quant("auto", "/some/model.gguf") == "int8"
+    assert resolve_quant("auto", "tiny") is None  # the toy models stay as built
+    assert resolve_quant("auto", tiny_model(seed=0)) is None  # an adapter passed in stays as it is
+    assert resolve_quant("auto", "qwen2.5-coder-1.5b", dtype=torch.bfloat16) is None
+    assert resolve_quant("auto", "qwen2.5-coder-1.5b", device="cuda") is None
+    assert resolve_quant("none", "qwen2.5-coder-1.5b") is None
+    assert resolve_quant("q4k", "qwen2.5-coder-1.5b") == "q4k"
+    with pytest.raises(AdaspecError, match="unknown quantisation 'int4'; choose one of auto, none, int8, q4k"):
+        resolve_quant("int4", "x")
+
+
+def test_the_cli_defaults_to_auto_and_takes_none():
+    parse = build_parser().parse_args
+    assert parse(["generate", "hi"]).quant == "auto"
+    assert parse(["generate", "hi", "--quant", "none"]).quant == "none"
+    assert parse(["serve", "--quant", "none"]).quant == "none"
+    assert parse(["bench", "--out", "x"]).quant == "auto"
+    assert parse(["generate", "hi"]).method is None  # unset: the engine's default_method
+
+
+def test_the_default_pair_ships_a_profile_in_int8_only():
+    path = shipped_profile(api.DEFAULT_TARGET, api.DEFAULT_DRAFTER, "int8")
+    profile = Profile.load(path)
+    assert profile.target["name"] == api.DEFAULT_TARGET and profile.drafter["name"] == api.DEFAULT_DRAFTER
+    assert profile.target["quantized"] and profile.drafter["quantized"]
+    assert shipped_profile(api.DEFAULT_TARGET, api.DEFAULT_DRAFTER, None) is None  # --quant none: not that profile
+    assert shipped_profile("tiny", "tiny-draft", None) is None
+
+
+@pytest.fixture()
+def tiny_pair():
+    target = tiny_model(seed=0, dtype=torch.float32)
+    return target, perturbed_copy(target, noise=0.5, seed=1)
+
+
+def test_default_method_is_the_best_measured_with_a_profile(tiny_pair, tmp_path, monkeypatch):
+    monkeypatch.setenv("ADASPEC_CACHE", str(tmp_path))
+    target, drafter = tiny_pair
+    assert Engine(target, drafter).default_method == "cmasd"  # no profile: the uncalibrated adaptive method
+    assert Engine(target).default_method == "ngram"  # no drafter model: prompt lookup
+    engine = Engine(target, drafter, profile=make_profile(target, drafter))
+    assert engine.default_method == api.DEFAULT_METHOD == "cost-aware"
+    r = engine.generate([1, 2, 3], max_new_tokens=6)
+    assert r.spec.method == "cost-aware" and r.lossless
+    assert r.token_ids == engine.generate([1, 2, 3], method="ar", max_new_tokens=6).token_ids
+
+
+def test_load_picks_up_the_shipped_profile_and_lets_it_be_turned_off(tiny_pair, tmp_path, monkeypatch):
+    monkeypatch.setenv("ADASPEC_CACHE", str(tmp_path))
+    target, drafter = tiny_pair
+    path = tmp_path / "shipped.json"
+    make_profile(target, drafter, target_name="tiny", drafter_name="tiny-draft").save(path)
+    monkeypatch.setattr(api, "SHIPPED_PROFILES", {("tiny", "tiny-draft", None): str(path)})
+    engine = api.load("tiny", "tiny-draft")
+    assert engine.profile is not None and engine.default_method == "cost-aware"
+    assert api.load("tiny", "tiny-draft", profile=False).profile is None
+    assert api.load("tiny", "tiny-draft", quant="int8").profile is None  # shipped for the float pair only
+
+
+def test_a_shipped_profile_that_does_not_fit_is_passed_over_with_a_warning(tiny_pair, tmp_path, monkeypatch):
+    monkeypatch.setenv("ADASPEC_CACHE", str(tmp_path))
+    target, drafter = tiny_pair
+    other = tiny_model(seed=5, dtype=torch.float32)
+    path = tmp_path / "other.json"
+    make_profile(other, perturbed_copy(other, noise=0.5, seed=2)).save(path)
+    engine = Engine(target, drafter)
+    with pytest.warns(UserWarning, match="the profile shipped for this pair does not fit"):
+        engine.use_profile(path, shipped=True)
+    assert engine.profile is None and engine.default_method == "cmasd"
+    with pytest.raises(AdaspecError, match="this profile was calibrated for"):  # one the user gave: refused
+        engine.use_profile(path)
+
+
+def test_generate_command_runs_the_default_method_and_takes_overrides(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("ADASPEC_CACHE", str(tmp_path))
+    base = ["generate", "def f(x):", "--target", "tiny", "--drafter", "tiny-draft", "--max-new-tokens", "6",
+            "--json", "--no-warmup", "--compare"]
+
+    def spec(*extra):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no library warning on the CLI's output
+            assert main([*base, *extra]) == 0
+        out = json.loads(capsys.readouterr().out)
+        assert out["identical"]
+        return out["result"]["spec"]
+
+    assert spec()["method"] == "cmasd"
+    assert spec("--method", "fixed")["method"] == "fixed"
+    assert spec("--quant", "none", "--profile", "none")["method"] == "cmasd"
