@@ -16,7 +16,7 @@ from adaspec.api import Engine, resolve_quant, shipped_profile
 from adaspec.calibration.profile import Profile
 from adaspec.cli import build_parser, main
 from adaspec.config import AdaspecError
-from adaspec.models.tiny import perturbed_copy, tiny_model
+from adaspec.models.tiny import ByteTokenizer, perturbed_copy, tiny_model
 from test_calibrate import make_profile
 
 
@@ -63,9 +63,9 @@ def test_default_method_is_the_best_measured_with_a_profile(tiny_pair, tmp_path,
     assert Engine(target, drafter).default_method == "cmasd"  # no profile: the uncalibrated adaptive method
     assert Engine(target).default_method == "ngram"  # no drafter model: prompt lookup
     engine = Engine(target, drafter, profile=make_profile(target, drafter))
-    assert engine.default_method == api.DEFAULT_METHOD == "cost-aware"
+    assert engine.default_method == api.DEFAULT_METHOD == "multi-draft-calibrated"
     r = engine.generate([1, 2, 3], max_new_tokens=6)
-    assert r.spec.method == "cost-aware" and r.lossless
+    assert r.spec.method == "multi-draft-calibrated" and r.lossless
     assert r.token_ids == engine.generate([1, 2, 3], method="ar", max_new_tokens=6).token_ids
 
 
@@ -76,7 +76,7 @@ def test_load_picks_up_the_shipped_profile_and_lets_it_be_turned_off(tiny_pair, 
     make_profile(target, drafter, target_name="tiny", drafter_name="tiny-draft").save(path)
     monkeypatch.setattr(api, "SHIPPED_PROFILES", {("tiny", "tiny-draft", None): str(path)})
     engine = api.load("tiny", "tiny-draft")
-    assert engine.profile is not None and engine.default_method == "cost-aware"
+    assert engine.profile is not None and engine.default_method == "multi-draft-calibrated"
     assert api.load("tiny", "tiny-draft", profile=False).profile is None
     assert api.load("tiny", "tiny-draft", quant="int8").profile is None  # shipped for the float pair only
 
@@ -111,3 +111,17 @@ def test_generate_command_runs_the_default_method_and_takes_overrides(tmp_path, 
     assert spec()["method"] == "cmasd"
     assert spec("--method", "fixed")["method"] == "fixed"
     assert spec("--quant", "none", "--profile", "none")["method"] == "cmasd"
+
+
+def test_the_server_runs_the_engines_default_method_for_requests_that_name_none(tiny_pair, tmp_path, monkeypatch):
+    pytest.importorskip("fastapi")
+    from adaspec.server.app import Service, ServerSettings
+
+    monkeypatch.setenv("ADASPEC_CACHE", str(tmp_path))
+    target, drafter = tiny_pair
+    plain = Service(Engine(target, drafter, ByteTokenizer()), ServerSettings())
+    assert plain.settings.method == "cmasd"
+    calibrated = Service(Engine(target, drafter, ByteTokenizer(), profile=make_profile(target, drafter)),
+                         ServerSettings())
+    assert calibrated.settings.method == "multi-draft-calibrated"
+    assert Service(Engine(target, drafter, ByteTokenizer()), ServerSettings(method="ar")).settings.method == "ar"

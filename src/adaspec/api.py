@@ -24,6 +24,7 @@ from adaspec.drafters.base import Drafter
 from adaspec.drafters.model import ModelDrafter
 from adaspec.drafters.ngram import NGramDrafter
 from adaspec.drafters.pool import DrafterPool
+from adaspec.drafters.vocab import DraftVocab, PrunedAdapter, cut_output_head, vocab_for
 from adaspec.models.base import ModelAdapter, Tokenizer
 from adaspec.plan import Speculation, prepare, resolve_knobs
 from adaspec.policies.cost import FALLBACK_DRAFTER, fallback_target_cost
@@ -36,9 +37,11 @@ DEFAULT_TARGET = "qwen2.5-coder-1.5b"
 DEFAULT_DRAFTER = "qwen2.5-coder-0.5b"
 DRAFTER_RUNTIMES = ("auto", "hf")
 QUANTS = ("auto", "none", "int8", "q4k")
-# The fastest lossless method measured for the default pair with its shipped profile (README,
-# "What it does"; docs/benchmarks.md names the run). Engine.default_method falls back from it.
-DEFAULT_METHOD = "cost-aware"
+# The fastest lossless method measured for the default pair with its shipped profile: first or tied
+# in docs/results/spec-bench-256 (1.19x ar, cost-aware 1.17x) and held-out-256 (1.28x, tied with
+# cost-aware), and well ahead on HumanEval (docs/results/humaneval-int8). Engine.default_method
+# falls back from it.
+DEFAULT_METHOD = "multi-draft-calibrated"
 # Calibration profiles shipped with the package: (target, drafter, quant) -> file in calibration/profiles.
 SHIPPED_PROFILES = {(DEFAULT_TARGET, DEFAULT_DRAFTER, "int8"): "qwen2.5-coder-int8.json"}
 
@@ -62,8 +65,8 @@ def shipped_profile(target, drafter, quant: str | None) -> Path | None:
 
 
 def load_model(source: str | ModelAdapter, *, dtype: torch.dtype = torch.float32, device: str = "cpu",
-               quant: str | None = None, role: str = "target",
-               drafter_runtime: str = "auto") -> tuple[ModelAdapter, Tokenizer | None]:
+               quant: str | None = None, role: str = "target", drafter_runtime: str = "auto",
+               draft_vocab: "int | str | Path | DraftVocab | None" = None) -> tuple[ModelAdapter, Tokenizer | None]:
     """A model adapter (and its tokenizer) from a preset name, path, hub id or built-in tiny model.
 
     Built-in toy models: ``tiny`` (seeded random GPT over bytes) and ``tiny-draft`` (a perturbed
@@ -75,6 +78,9 @@ def load_model(source: str | ModelAdapter, *, dtype: torch.dtype = torch.float32
     generated. drafter_runtime="hf" keeps transformers' forward.
 
     quant: "auto" (int8 for a real model on the CPU), "none", "int8" or "q4k" (resolve_quant).
+    draft_vocab (drafters only): a pruned drafting vocabulary, as a DraftVocab, its JSON file, or
+    a size N (the N most frequent tokens of the default corpus, drafters/vocab.py); the output
+    head is cut to those rows before quantisation.
     """
     quant = resolve_quant(quant, source, device=device, dtype=dtype)
     if drafter_runtime not in DRAFTER_RUNTIMES:
@@ -95,6 +101,10 @@ def load_model(source: str | ModelAdapter, *, dtype: torch.dtype = torch.float32
         from adaspec.models.registry import load_pretrained
 
         adapter, tokenizer = load_pretrained(source, dtype=dtype, device=device)
+    vocab = None
+    if draft_vocab is not None:
+        vocab = resolve_draft_vocab(draft_vocab, tokenizer, adapter)
+        cut_output_head(getattr(adapter, "model", None), vocab.ids)
     if quant:
         from adaspec.models.quant import quantize_adapter
 
@@ -105,7 +115,30 @@ def load_model(source: str | ModelAdapter, *, dtype: torch.dtype = torch.float32
 
             if supports(getattr(adapter, "model", None)) is None:
                 adapter = FastDecoder(adapter.model, adapter.name, exact_rows=False)
+    if vocab is not None:
+        adapter = PrunedAdapter(adapter, vocab)
     return adapter, tokenizer
+
+
+def resolve_draft_vocab(spec, tokenizer: Tokenizer | None, adapter: ModelAdapter) -> DraftVocab:
+    """A DraftVocab from a DraftVocab, a JSON file of one, or a size (counted on the default corpus
+    with the drafter's tokenizer; the EOS ids are always kept)."""
+    if isinstance(spec, DraftVocab):
+        vocab = spec
+    elif isinstance(spec, int) or (isinstance(spec, str) and spec.isdigit()):
+        if tokenizer is None:
+            raise AdaspecError("a drafting vocabulary by size needs the drafter's tokenizer to count tokens with; "
+                               "give a vocabulary file instead")
+        from adaspec.models.registry import cache_dir
+
+        vocab = vocab_for(tokenizer, adapter.vocab_size, int(spec), always=adapter.eos_token_ids,
+                          cache=cache_dir() / "vocab")
+    else:
+        vocab = DraftVocab.load(spec)
+    if vocab.vocab_size != adapter.vocab_size:
+        raise AdaspecError(f"the drafting vocabulary is for {vocab.vocab_size} tokens, the drafter has "
+                           f"{adapter.vocab_size}")
+    return vocab
 
 
 def check_device(device: str) -> None:
@@ -377,7 +410,7 @@ class Stream:
 def load(target: str | ModelAdapter = DEFAULT_TARGET, drafter: str | ModelAdapter | None = DEFAULT_DRAFTER, *,
          dtype: torch.dtype = torch.float32, device: str = "cpu", quant: str | None = "auto",
          chat: bool = True, profile: Profile | str | Path | bool | None = None, drafter_runtime: str = "auto",
-         early_exit: int | None = None) -> Engine:
+         early_exit: int | None = None, draft_vocab: int | str | Path | DraftVocab | None = None) -> Engine:
     """Load a target and drafter (preset names, local paths, hub ids, adapters) into an Engine.
 
     quant: "auto" (default: int8 for real models on the CPU), "none", "int8" or "q4k" (resolve_quant).
@@ -385,6 +418,7 @@ def load(target: str | ModelAdapter = DEFAULT_TARGET, drafter: str | ModelAdapte
     None: the profile that ships for this pair and quantisation (the default pair in int8), if any;
     False: none.
     drafter_runtime: "auto" (adaspec's runtime for int8 Llama-family drafters) or "hf" (see load_model).
+    draft_vocab: prune the drafter's vocabulary (load_model; drafters/vocab.py).
     early_exit: also give the drafter pool (``multi-draft``) the target's first ``early_exit`` layers
     as a drafter (docs/method.md, "Early-exit drafter").
     """
@@ -394,7 +428,7 @@ def load(target: str | ModelAdapter = DEFAULT_TARGET, drafter: str | ModelAdapte
     d_model, d_tok = (None, None)
     if drafter is not None:
         d_model, d_tok = load_model(drafter, dtype=dtype, device=device, quant=quant or "none", role="drafter",
-                                    drafter_runtime=drafter_runtime)
+                                    drafter_runtime=drafter_runtime, draft_vocab=draft_vocab)
     engine = Engine(t_model, d_model, t_tok, drafter_tokenizer=d_tok, chat=chat,
                     target_name=target if isinstance(target, str) else None,
                     drafter_name=drafter if isinstance(drafter, str) else None,

@@ -32,6 +32,10 @@ def add_model_args(p: argparse.ArgumentParser, *, drafter: bool = True) -> None:
         p.add_argument("--drafter-runtime", choices=("auto", "hf"), default="auto",
                        help="auto: an int8 Llama-family drafter runs on adaspec's own runtime, one kernel call per "
                             "projection (cheaper drafts, same output); hf: transformers' forward (default: auto)")
+        p.add_argument("--draft-vocab", default=None, metavar="N|FILE",
+                       help="the drafter proposes only among the N most frequent tokens (counted once on a "
+                            "default corpus) or those of a vocabulary file; its output head shrinks to those "
+                            "rows. Output is unchanged (verification uses the full vocabulary)")
         p.add_argument("--early-exit", type=int, default=None, metavar="N",
                        help="give multi-draft's pool the target's first N layers as one more drafter")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="weights dtype (default: float32)")
@@ -73,8 +77,8 @@ def _flag(name: str, f, hint) -> dict:
     optional = typing.get_origin(hint) in (typing.Union, types.UnionType)
     kind = next(a for a in typing.get_args(hint) if a is not type(None)) if optional else hint
     if name == "method":  # unset: the engine's default_method (the best measured for the pair)
-        kw["help"] += ("; default: cost-aware when the pair has a profile (the default pair ships one), "
-                       "else cmasd, or ngram without a drafter")
+        kw["help"] += ("; default: multi-draft-calibrated when the pair has a profile (the default pair ships "
+                       "one), else cmasd, or ngram without a drafter")
     if f.metadata["choices"]:
         kw["choices"] = f.metadata["choices"]
     elif kind is bool:
@@ -115,7 +119,8 @@ def load_engine(a: argparse.Namespace, *, need_drafter: bool = True):
     profile = getattr(a, "profile", None)
     return load(a.target, drafter, dtype=_torch_dtype(a.dtype), device=a.device, quant=a.quant,
                 chat=not getattr(a, "raw", False), profile=False if profile == "none" else profile,
-                drafter_runtime=getattr(a, "drafter_runtime", "auto"), early_exit=getattr(a, "early_exit", None))
+                drafter_runtime=getattr(a, "drafter_runtime", "auto"), early_exit=getattr(a, "early_exit", None),
+                draft_vocab=getattr(a, "draft_vocab", None))
 
 
 def summary_line(label: str, r) -> str:

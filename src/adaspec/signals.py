@@ -34,15 +34,18 @@ def signals_from_logits(
     lambdas: tuple[float, float, float] = (1 / 3, 1 / 3, 1 / 3),
     logit_scale: float = 2.0,
     signal: str = "ensemble",
+    entropy_vocab: int | None = None,
 ) -> Signals:
     """All signals of logits (..., V) in one pass (one log-softmax, one top-2).
 
     tokens (...) are the drafted tokens whose probability is reported as ``p_token``;
     if None, the top-1 token is assumed (greedy drafting).
+    entropy_vocab: normalise entropy by log(entropy_vocab) instead of log(V): a drafter over a
+    pruned vocabulary (drafters/vocab.py) keeps the full vocabulary's scale.
     """
     logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
     logprobs = torch.log_softmax(logits, dim=-1)  # (..., V)
-    vocab = logits.shape[-1]
+    vocab = entropy_vocab or logits.shape[-1]
     h_norm = (entropy(logprobs) / math.log(vocab)).clamp(0.0, 1.0)  # (...)
     top_logits, top_idx = logits.topk(2, dim=-1)  # (..., 2)
     top_p = logprobs.gather(-1, top_idx).exp()  # (..., 2)

@@ -36,6 +36,8 @@ class ModelDrafter:
         self.offset = 0  # sequence position of the drafter's first cached token
         self.forwards = 0
         self.signal_s = 0.0  # time spent on signals and policy decisions (overhead accounting)
+        # a pruned drafting vocabulary (drafters/vocab.py): column j of the logits is token draft_ids[j]
+        self.draft_ids = getattr(adapter, "draft_ids", None)
 
     def begin(self, prompt: torch.Tensor) -> None:
         self.adapter.reset()
@@ -50,18 +52,19 @@ class ModelDrafter:
         probs: list[torch.Tensor] = []
         sigs: list[Signals] = []
         for i in range(max_k):
-            logits = self.adapter.extend(feed)[-1]  # (V,)
+            logits = self.adapter.extend(feed)[-1]  # (V,), or (N,) over a pruned vocabulary
             self.forwards += 1
             if ctx.sampling.greedy:
-                token = greedy(logits)  # 0-d
+                column = greedy(logits)  # 0-d
             else:
-                p = warp(logits, ctx.sampling)  # (V,)
-                token = sample(p, ctx.generator)
-                probs.append(p)
+                p = warp(logits, ctx.sampling)  # (V,) or (N,)
+                column = sample(p, ctx.generator)
+                probs.append(p if self.draft_ids is None else self._full(p))
+            token = column if self.draft_ids is None else self.draft_ids[column]
             tokens.append(token)
             t0 = time.perf_counter()
-            sig = signals_from_logits(logits, token, lambdas=ctx.signals.lambdas,
-                                      logit_scale=ctx.signals.logit_scale, signal=ctx.signals.signal)
+            sig = signals_from_logits(logits, column, lambdas=ctx.signals.lambdas, logit_scale=ctx.signals.logit_scale,
+                                      signal=ctx.signals.signal, entropy_vocab=self.vocab_size)
             sigs.append(sig)
             keep = i + 1 < max_k and ctx.keep_drafting(i, sig)
             self.signal_s += time.perf_counter() - t0
@@ -75,6 +78,10 @@ class ModelDrafter:
             signals=sigs,
             drafter=self.name,
         )
+
+    def _full(self, p: torch.Tensor) -> torch.Tensor:
+        """A distribution over the kept ids as one over the whole vocabulary (zero elsewhere)."""
+        return torch.zeros(self.vocab_size, dtype=p.dtype, device=p.device).index_copy_(0, self.draft_ids, p)
 
     def commit(self, valid_len: int) -> None:
         self.adapter.rollback(min(self.adapter.length, valid_len - self.offset))
