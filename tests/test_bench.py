@@ -300,3 +300,16 @@ def test_every_method_keeps_one_colour_and_baselines_look_apart():
     assert all(styles[m].get("hatch") for m in ("ar", "hf-ar", "hf-assisted"))
     assert not {styles[m]["color"] for m in ("ar", "hf-ar", "hf-assisted")} & set(colours)
     assert method_styles(["ar", "cmasd", "ngram"])["ngram"] == method_styles(["cmasd", "ngram"])["ngram"]
+
+
+def test_a_value_out_of_range_is_refused_before_any_generation(tmp_path, capsys):
+    args = ["--target", "tiny", "--drafter", "tiny-draft", "--subtasks", "qa", "--limit", "1", "--max-new-tokens", "4",
+            "--out", str(tmp_path / "x"), "--threads", "1", "--quiet", "--no-cost-model"]
+    assert main(["sweep", "--grid", "alpha=0.5,2", *args]) == 2
+    assert "method 'cmasd:alpha=2': alpha must be in (0, 1], got 2" in capsys.readouterr().err
+    assert main(["bench", "--methods", "ar,fixed-k4:gamma=-1", *args]) == 2
+    assert "method 'fixed-k4:gamma=-1': gamma must be >= 0" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()  # nothing ran, nothing was written
+    with pytest.raises(AdaspecError, match="alpha must be in"):
+        run_bench(tiny_engine(), short_records(1), ["cmasd:alpha=3"], max_new_tokens=4, out_dir=tmp_path / "y",
+                  threads=1, progress=False, warmup=False, cost_model=False, log=lambda *_: None)

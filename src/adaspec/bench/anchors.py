@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from adaspec.bench.protocol import MethodContext, MethodRun, MethodSkipped
+from adaspec.config import AdaspecError
 from adaspec.records import Stats
 
 DRAFT_N_MAX = 3  # common_params_speculative_draft.n_max in the vendored llama.cpp
@@ -99,7 +100,7 @@ class LlamaCppModel:
                 b.seq_id[i][0] = 0
                 b.logits[i] = logits == "all" or (logits == "last" and final and i == len(chunk) - 1)
             if self.lib.llama_decode(self.ctx, b) != 0:
-                raise RuntimeError(f"llama_decode failed at position {pos0 + start}")
+                raise AdaspecError(f"llama.cpp could not decode at position {pos0 + start} (llama_decode failed)")
             self.forwards += 1
             if logits == "all" or (logits == "last" and final):
                 rows += [self._row(i) for i in range(len(chunk))] if logits == "all" else [self._row(len(chunk) - 1)]

@@ -156,8 +156,8 @@ def cmd_bench(a: argparse.Namespace) -> int:
     from adaspec.bench.report import Run, write_report
 
     labels = [m.strip() for m in a.methods.split(",") if m.strip()]
-    for label in labels:
-        M.parse_label(label)  # unknown names fail before any model loads
+    for label in labels:  # unknown names and bad values fail before any model loads
+        M.check_label(label, {**run_options(a), "max_new_tokens": max_new_tokens(a)})
     out = _run(a, labels)
     report = write_report(out)
     print(f"wrote {report}")
@@ -179,6 +179,8 @@ def cmd_sweep(a: argparse.Namespace) -> int:
     grid = M.parse_grid(a.grid)
     method = a.method or "cmasd"
     labels = M.grid_labels(method, grid)
+    for label in labels:  # a value out of range fails here, before any model loads
+        M.check_label(label, {**run_options(a), "max_new_tokens": max_new_tokens(a)})
     print(f"sweeping {len(labels)} grid points of {method} (plus ar)")
     out = _run(a, labels)
     print(f"wrote {write_sweep(out, labels, grid)}")

@@ -68,6 +68,20 @@ def parse_label(label: str) -> tuple[BenchMethod, dict]:
     raise AdaspecError(f"unknown method {name!r}; choose from: {', '.join(known)}")
 
 
+def check_label(label: str, run_options: dict) -> tuple[BenchMethod, dict]:
+    """parse_label, and for the adaspec engine's methods the options it would run with checked as
+    make_config checks them, so that a bad grid or override value (alpha=2) is refused before any
+    model loads, not recorded as an error on every prompt. Returns (method, its options)."""
+    method, overrides = parse_label(label)
+    options = method_options(method, run_options, overrides)
+    if method.name in METHODS and method.name not in BENCH_METHODS:
+        try:
+            make_config(method.name, **options)
+        except AdaspecError as e:
+            raise AdaspecError(f"method {label!r}: {e}") from None
+    return method, options
+
+
 def _parse_pair(pair: str, label: str) -> tuple[str, object]:
     key, sep, raw = pair.partition("=")
     key = key.strip().replace("-", "_")
@@ -209,6 +223,9 @@ def _oracle(ctx: MethodContext) -> MethodRun:
 # ---- transformers' generate ----------------------------------------------------------------------
 
 def hf_model(adapter, role: str):
+    if getattr(adapter, "draft_ids", None) is not None:
+        raise MethodSkipped(f"hf-* baselines cannot use the {role} {adapter.name!r}: its output head is cut to a "
+                            "pruned drafting vocabulary (--draft-vocab)")
     model = getattr(adapter, "model", None)
     if model is None or not callable(getattr(model, "generate", None)):
         raise MethodSkipped(f"hf-* baselines need transformers models; the {role} {adapter.name!r} is not one "

@@ -119,9 +119,12 @@ class Run:
         return out
 
     def runtime(self, method: str) -> str:
-        """Which engine ran a method: "adaspec", or another one's name (the llamacpp-* anchors)."""
+        """Which engine ran a method: "adaspec", "transformers" (hf-*) or "llama.cpp" (llamacpp-*)."""
         row = next(iter(self.prompts.get(method, {}).values()), None)
-        return ((row or {}).get("info") or {}).get("runtime", "adaspec")
+        recorded = ((row or {}).get("info") or {}).get("runtime")
+        base = self.base_method(method)
+        return recorded or ("transformers" if base.startswith("hf-") else
+                            "llama.cpp" if base.startswith("llamacpp-") else "adaspec")
 
     def same_as(self, method: str, reference: str) -> tuple[int, int, float] | None:
         """(identical outputs, prompts compared, mean token agreement) of method against reference."""
@@ -251,7 +254,8 @@ def quality_table(run: Run) -> str:
         bug = s.lossless and s.greedy and s.identical < s.n and run.runtime(m) == "adaspec"
         same = f"{s.identical}/{s.n}" + (" **BUG**" if bug else "")
         cells = [_f(task[m].get(c), "{:.1f}") for c in cols]
-        rows.append(f"| {m} | {'yes' if s.lossless else 'no'} | {same} | {s.agreement:.1%} | " + " | ".join(cells)
+        lossless = ("yes" if run.runtime(m) == "adaspec" else f"own ({run.runtime(m)})") if s.lossless else "no"
+        rows.append(f"| {m} | {lossless} | {same} | {s.agreement:.1%} | " + " | ".join(cells)
                     + (" |" if cells else "|"))
     return "\n".join(rows)
 
@@ -304,6 +308,10 @@ def method_notes(run: Run) -> list[str]:
         if run.base_method(m) == "cmasd-tau" and opts.get("tau_base", 0) > 0:
             notes.append(f"{m} is LOSSY: it runs the relaxed CM-ASD verification with tau_base={opts['tau_base']} "
                          "(0.1 unless overridden); judge it by token agreement and task metrics, not identity.")
+        if run.runtime(m) == "transformers" and (same := run.same_as(m, "ar")):
+            notes.append(f"{m}: transformers' generate on the same models; it prefills the whole prompt in one "
+                         "forward where adaspec prefills all but its last token, so a near-tie in the logits can "
+                         f"make its greedy tokens differ from ar's (identical on {same[0]}/{same[1]} prompts).")
         if m == "hf-assisted" and run.meta.get("hf_assisted"):
             h = run.meta["hf_assisted"]
             refit = ("re-fitted during generation" if h.get("threshold_refit")
@@ -400,8 +408,9 @@ rejected a draft token. draft / target / policy: share of generation time spent 
 forwards, and signals, policy and verification-rule bookkeeping (the rest is prefill). — = not measured
 (transformers' generate) or nothing drafted."""
 
-_QUALITY_LEGEND = """identical to ar: outputs equal to ar's token for token (a lossless method must reach n/n
-under greedy decoding; anything less is flagged **BUG**). token agreement: mean share of positions where the
+_QUALITY_LEGEND = """identical to ar: outputs equal to ar's token for token (a lossless adaspec method must reach
+n/n under greedy decoding; anything less is flagged **BUG**; "own": lossless against another engine's own
+plain decoding, see Method settings). token agreement: mean share of positions where the
 method's token equals ar's. Task metrics are in percent (BLEU on its 0-100 scale) over that suite's prompts."""
 
 _ABLATION_LEGEND = """fixed: fixed k, exact verification. cmasd-k: confidence-adaptive k, exact verification. cmasd-tau:

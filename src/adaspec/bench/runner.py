@@ -125,7 +125,7 @@ def _plan(engine, labels: list[str], options: dict) -> tuple[dict[str, tuple], d
     """label -> (BenchMethod, options it runs with); and label -> why it is skipped."""
     plan, skipped = {}, {}
     for label in labels:
-        method, overrides = M.parse_label(label)
+        method, opts = M.check_label(label, options)
         if method.needs_drafter and engine.drafter is None:
             skipped[label] = "needs a drafter model (--drafter)"
             continue
@@ -135,7 +135,7 @@ def _plan(engine, labels: list[str], options: dict) -> tuple[dict[str, tuple], d
             except M.MethodSkipped as e:
                 skipped[label] = str(e)
                 continue
-        plan[label] = (method, M.method_options(method, options, overrides))
+        plan[label] = (method, opts)
     return plan, skipped
 
 
