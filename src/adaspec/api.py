@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from adaspec.calibration.cost import cost_here
-from adaspec.calibration.identity import model_identity
+from adaspec.calibration.identity import TOY_MODELS, model_identity
 from adaspec.calibration.profile import Profile, load_profile
 from adaspec.config import AdaspecError, GenerationConfig, SpecConfig, check_text, make_config
 from adaspec.decode import check_vocab, speculative_generate
@@ -53,7 +53,7 @@ def resolve_quant(quant: str | None, source, *, device: str = "cpu", dtype: torc
     if quant not in (None, *QUANTS):
         raise AdaspecError(f"unknown quantisation {quant!r}; choose one of {', '.join(QUANTS)}")
     if quant == "auto":
-        real = isinstance(source, str) and source not in ("tiny", "tiny-draft")
+        real = isinstance(source, str) and source not in TOY_MODELS
         return "int8" if real and dtype == torch.float32 and torch.device(device).type == "cpu" else None
     return None if quant == "none" else quant
 
@@ -88,7 +88,7 @@ def load_model(source: str | ModelAdapter, *, dtype: torch.dtype = torch.float32
     if not isinstance(source, str):
         return source, None
     check_device(device)
-    if source in ("tiny", "tiny-draft"):
+    if source in TOY_MODELS:
         if torch.device(device).type != "cpu":
             raise AdaspecError(f"the built-in toy models run on the CPU only, not on {device!r}: drop --device")
         from adaspec.models.tiny import ByteTokenizer, perturbed_copy, tiny_model
@@ -155,7 +155,7 @@ def check_device(device: str) -> None:
 
 def _gguf_file(source: str) -> str | None:
     """The GGUF file a preset or a local .gguf path loads from, else None."""
-    if source in ("tiny", "tiny-draft"):
+    if source in TOY_MODELS:
         return None
     from adaspec.models.registry import resolve
 
@@ -424,10 +424,10 @@ def load(target: str | ModelAdapter = DEFAULT_TARGET, drafter: str | ModelAdapte
     """
     quant = resolve_quant(quant, target, device=device, dtype=dtype)
     shipped = shipped_profile(target, drafter, quant) if profile is None else None
-    t_model, t_tok = load_model(target, dtype=dtype, device=device, quant=quant or "none")
+    t_model, t_tok = load_model(target, dtype=dtype, device=device, quant=quant)
     d_model, d_tok = (None, None)
     if drafter is not None:
-        d_model, d_tok = load_model(drafter, dtype=dtype, device=device, quant=quant or "none", role="drafter",
+        d_model, d_tok = load_model(drafter, dtype=dtype, device=device, quant=quant, role="drafter",
                                     drafter_runtime=drafter_runtime, draft_vocab=draft_vocab)
     engine = Engine(t_model, d_model, t_tok, drafter_tokenizer=d_tok, chat=chat,
                     target_name=target if isinstance(target, str) else None,

@@ -150,14 +150,20 @@ def _run(a: argparse.Namespace, methods: list[str]):
                      cost_model=a.cost_model, progress=not a.quiet)
 
 
-def cmd_bench(a: argparse.Namespace) -> int:
+def _check_labels(a: argparse.Namespace, labels: list[str]) -> None:
+    """Unknown names and out-of-range values fail here, before any model loads."""
     from adaspec.bench import methods as M
+
+    for label in labels:
+        M.check_label(label, {**run_options(a), "max_new_tokens": max_new_tokens(a)})
+
+
+def cmd_bench(a: argparse.Namespace) -> int:
     from adaspec.bench.diagnose import diagnose, render_diagnosis
     from adaspec.bench.report import Run, write_report
 
     labels = [m.strip() for m in a.methods.split(",") if m.strip()]
-    for label in labels:  # unknown names and bad values fail before any model loads
-        M.check_label(label, {**run_options(a), "max_new_tokens": max_new_tokens(a)})
+    _check_labels(a, labels)
     out = _run(a, labels)
     report = write_report(out)
     print(f"wrote {report}")
@@ -179,8 +185,7 @@ def cmd_sweep(a: argparse.Namespace) -> int:
     grid = M.parse_grid(a.grid)
     method = a.method or "cmasd"
     labels = M.grid_labels(method, grid)
-    for label in labels:  # a value out of range fails here, before any model loads
-        M.check_label(label, {**run_options(a), "max_new_tokens": max_new_tokens(a)})
+    _check_labels(a, labels)
     print(f"sweeping {len(labels)} grid points of {method} (plus ar)")
     out = _run(a, labels)
     print(f"wrote {write_sweep(out, labels, grid)}")

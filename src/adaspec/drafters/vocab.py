@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from adaspec.config import AdaspecError
+from adaspec.models.base import absorb
 
 
 @dataclass(frozen=True)
@@ -132,8 +133,6 @@ class PrunedAdapter:
                            f"{self.vocab.size} or {self.vocab.vocab_size}")
 
     def absorb(self, ids: torch.Tensor) -> None:
-        from adaspec.models.base import absorb
-
         absorb(self.inner, ids)
 
 
@@ -143,7 +142,7 @@ def cut_output_head(model, ids: torch.Tensor) -> bool:
     small one. Tied input embeddings stay whole: the head becomes a separate, smaller matrix."""
     get = getattr(model, "get_output_embeddings", None)
     head = get() if callable(get) else None
-    if not isinstance(head, torch.nn.Linear) or type(head) is not torch.nn.Linear:
+    if type(head) is not torch.nn.Linear:  # exactly: a quantised or custom head is left alone
         return False
     small = torch.nn.Linear(head.in_features, ids.numel(), bias=head.bias is not None,
                             device=head.weight.device, dtype=head.weight.dtype)
@@ -189,7 +188,8 @@ def vocab_for(tokenizer, vocab_size: int, n: int, *, always: Iterable[int] = (),
     per tokenizer vocabulary, so the count runs once per machine)."""
     import hashlib
 
-    key = hashlib.sha256(repr(sorted(tokenizer_fingerprint(tokenizer))).encode()).hexdigest()[:16]
+    probe = "def main():\n    print('Hello, world!')  # the quick brown fox 12345"  # its ids tell tokenizers apart
+    key = hashlib.sha256(repr(tokenizer.encode(probe)).encode()).hexdigest()[:16]
     path = Path(cache) / f"token-counts-{key}-{vocab_size}.pt" if cache is not None else None
     if path is not None and path.is_file():
         counts = torch.load(path)
@@ -200,8 +200,3 @@ def vocab_for(tokenizer, vocab_size: int, n: int, *, always: Iterable[int] = (),
             torch.save(counts, path)
     return DraftVocab.from_counts(counts, n, always=always, source="default corpus (package descriptions, stdlib)")
 
-
-def tokenizer_fingerprint(tokenizer) -> list[tuple[str, int]]:
-    """A few token strings and ids that tell tokenizers apart."""
-    probe = "def main():\n    print('Hello, world!')  # the quick brown fox 12345"
-    return [(probe, i) for i in tokenizer.encode(probe)]
