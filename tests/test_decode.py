@@ -155,24 +155,28 @@ def _sequence_probs(model, prompt, n, temperature):
     return out
 
 
-def test_sampled_speculation_follows_the_target_sequence_distribution():
-    target = tiny_model(seed=1, dtype=torch.float64, vocab_size=5, n_embd=16)
-    drafter = perturbed_copy(target, noise=1.0, seed=2)
+def check_follows_the_target(target, drafter) -> None:
+    """Sampled speculation (fixed k=2, temperature 1) over 3 tokens after [1, 3] with this drafter
+    must draw the target's own sequence distribution (chi-square and total variation, 6000 draws)."""
     prompt, n, temp = [1, 3], 3, 1.0
     expected = _sequence_probs(target, prompt, n, temp)
     draws = 6000
     gen = torch.Generator().manual_seed(0)
     counts = Counter()
-    for i in range(draws):
+    for _ in range(draws):
         seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
-        r = run(target, drafter, prompt, "fixed", k=2, temperature=temp, seed=seed, max_new_tokens=n)
-        counts[tuple(r.token_ids)] += 1
+        cfg = make_config("fixed", k=2, temperature=temp, seed=seed, max_new_tokens=n, ignore_eos=True)
+        counts[tuple(generate_ids(target, drafter, prompt, cfg).token_ids)] += 1
     chi2 = sum((counts[s] - draws * p) ** 2 / (draws * p) for s, p in expected.items())
-    dof = len(expected) - 1  # 124
-    # Critical value of chi-square with 124 dof at p = 1e-4 is about 190 (Wilson-Hilferty approximation).
+    # 124 dof: the critical value of chi-square at p = 1e-4 is about 190 (Wilson-Hilferty approximation).
     assert chi2 < 190, chi2
     tv = 0.5 * sum(abs(counts[s] / draws - p) for s, p in expected.items())
     assert tv < 0.08, tv
+
+
+def test_sampled_speculation_follows_the_target_sequence_distribution():
+    target = tiny_model(seed=1, dtype=torch.float64, vocab_size=5, n_embd=16)
+    check_follows_the_target(target, ModelDrafter(perturbed_copy(target, noise=1.0, seed=2)))
 
 
 @pytest.mark.parametrize("opts,fragment", [

@@ -21,6 +21,7 @@ from adaspec.calibration.profile import Profile, load_profile
 from adaspec.config import AdaspecError, GenerationConfig, SpecConfig, check_text, make_config
 from adaspec.decode import check_vocab, speculative_generate
 from adaspec.drafters.base import Drafter
+from adaspec.drafters.head import HeadDrafter, load_head_drafter
 from adaspec.drafters.model import ModelDrafter
 from adaspec.drafters.ngram import NGramDrafter
 from adaspec.drafters.pool import DrafterPool
@@ -44,6 +45,8 @@ QUANTS = ("auto", "none", "int8", "q4k")
 DEFAULT_METHOD = "multi-draft-calibrated"
 # Calibration profiles shipped with the package: (target, drafter, quant) -> file in calibration/profiles.
 SHIPPED_PROFILES = {(DEFAULT_TARGET, DEFAULT_DRAFTER, "int8"): "qwen2.5-coder-int8.json"}
+# Draft heads shipped with the package (drafters/heads/): target preset -> (file, sha256 of the file).
+SHIPPED_HEADS: dict[str, tuple[str, str]] = {}
 
 
 def resolve_quant(quant: str | None, source, *, device: str = "cpu", dtype: torch.dtype = torch.float32) -> str | None:
@@ -180,6 +183,20 @@ def early_exit_drafter(target: ModelAdapter, n_layers: int) -> tuple[ModelDrafte
     return ModelDrafter(adapter, name=adapter.name), share
 
 
+def shipped_head(target) -> Path | None:
+    """The draft head that ships for this target preset, checked against its recorded sha256."""
+    from adaspec.drafters.head import file_sha256
+
+    entry = SHIPPED_HEADS.get(target) if isinstance(target, str) else None
+    if entry is None:
+        return None
+    path = Path(__file__).parent / "drafters" / "heads" / entry[0]
+    if not path.is_file() or file_sha256(path) != entry[1]:
+        raise AdaspecError(f"the draft head shipped for {target} ({path}) is missing or damaged: reinstall "
+                           "adaspec, or pass head=False (--head none)")
+    return path
+
+
 def _linear_weights(module) -> int:
     """Weights in a module's linear layers, float or int8 (whose packed weights are not parameters)."""
     return sum(m.in_features * m.out_features for m in module.modules()
@@ -211,6 +228,7 @@ class Engine:
         # More model drafters for the pool methods (e.g. an early-exit drafter): (drafter, cost per
         # drafted token as a fraction of one one-token target forward). Append after loading.
         self.extra_drafters: list[tuple[Drafter, float]] = []
+        self.head: HeadDrafter | None = None  # the draft head (method "head"; also in the pool)
         self.target_name = target_name or target.name
         self.drafter_name = drafter_name or (drafter.name if drafter is not None else None)
         self.profile: Profile | None = None  # read by calibrated methods
@@ -240,6 +258,15 @@ class Engine:
                              identity="|".join(str(i.get("fingerprint") or i.get("name")) for i in ids))
             p = dataclasses.replace(p, cost=here)
         self.profile = p
+
+    def use_head(self, head: HeadDrafter | str | Path) -> None:
+        """Draft with this head (a HeadDrafter, or the path of a head file for this target): method
+        ``head``, and one more drafter in the pool methods, priced by its cost measured here."""
+        if not isinstance(head, HeadDrafter):
+            head = load_head_drafter(head, self.target, self.target_name)
+        self.head = head
+        self.extra_drafters = [(d, c) for d, c in self.extra_drafters if not isinstance(d, HeadDrafter)]
+        self.extra_drafters.append((head, head.relative_cost()))
 
     def encode(self, prompt: str | list[int] | list[dict], *, chat: bool | None = None) -> list[int]:
         """Prompt ids from text (chat template applied unless chat=False), token ids or chat messages."""
@@ -317,6 +344,11 @@ class Engine:
         ngram = NGramDrafter(self.target.vocab_size, max_ngram=spec.max_ngram, min_ngram=spec.min_ngram)  # stateless: one per request
         if kind == "ngram":
             return ngram
+        if kind == "head":
+            if self.head is None:
+                raise AdaspecError(f"method {spec.method!r} needs a draft head: load one (head=PATH, --head FILE; "
+                                   "`adaspec train-head` trains one), or use another method")
+            return self.head
         if self.drafter is None and not (kind == "pool" and self.extra_drafters):
             raise AdaspecError(f"method {spec.method!r} needs a drafter model: load one, or use method='ar' "
                                "or method='ngram'")
@@ -410,7 +442,8 @@ class Stream:
 def load(target: str | ModelAdapter = DEFAULT_TARGET, drafter: str | ModelAdapter | None = DEFAULT_DRAFTER, *,
          dtype: torch.dtype = torch.float32, device: str = "cpu", quant: str | None = "auto",
          chat: bool = True, profile: Profile | str | Path | bool | None = None, drafter_runtime: str = "auto",
-         early_exit: int | None = None, draft_vocab: int | str | Path | DraftVocab | None = None) -> Engine:
+         early_exit: int | None = None, draft_vocab: int | str | Path | DraftVocab | None = None,
+         head: str | Path | bool | None = None) -> Engine:
     """Load a target and drafter (preset names, local paths, hub ids, adapters) into an Engine.
 
     quant: "auto" (default: int8 for real models on the CPU), "none", "int8" or "q4k" (resolve_quant).
@@ -421,6 +454,8 @@ def load(target: str | ModelAdapter = DEFAULT_TARGET, drafter: str | ModelAdapte
     draft_vocab: prune the drafter's vocabulary (load_model; drafters/vocab.py).
     early_exit: also give the drafter pool (``multi-draft``) the target's first ``early_exit`` layers
     as a drafter (docs/method.md, "Early-exit drafter").
+    head: a draft head file for this target (drafters/head.py); None: the head shipped for the
+    target, if any; False: none.
     """
     quant = resolve_quant(quant, target, device=device, dtype=dtype)
     shipped = shipped_profile(target, drafter, quant) if profile is None else None
@@ -437,6 +472,9 @@ def load(target: str | ModelAdapter = DEFAULT_TARGET, drafter: str | ModelAdapte
         engine.use_profile(shipped, shipped=True)
     if early_exit is not None:
         engine.extra_drafters.append(early_exit_drafter(t_model, early_exit))
+    head_path = shipped_head(target) if head is None else (None if head is False else head)
+    if head_path is not None:
+        engine.use_head(head_path)
     return engine
 
 

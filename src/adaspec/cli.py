@@ -36,6 +36,9 @@ def add_model_args(p: argparse.ArgumentParser, *, drafter: bool = True) -> None:
                        help="the drafter proposes only among the N most frequent tokens (counted once on a "
                             "default corpus) or those of a vocabulary file; its output head shrinks to those "
                             "rows. Output is unchanged (verification uses the full vocabulary)")
+        p.add_argument("--head", default=None, metavar="FILE|none",
+                       help="a draft head for the target (`adaspec train-head`): method `head`, and one more "
+                            "drafter in the multi-draft pool; default: the head shipped for the target, if any")
         p.add_argument("--early-exit", type=int, default=None, metavar="N",
                        help="give multi-draft's pool the target's first N layers as one more drafter")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="weights dtype (default: float32)")
@@ -120,7 +123,11 @@ def load_engine(a: argparse.Namespace, *, need_drafter: bool = True):
     return load(a.target, drafter, dtype=_torch_dtype(a.dtype), device=a.device, quant=a.quant,
                 chat=not getattr(a, "raw", False), profile=False if profile == "none" else profile,
                 drafter_runtime=getattr(a, "drafter_runtime", "auto"), early_exit=getattr(a, "early_exit", None),
-                draft_vocab=getattr(a, "draft_vocab", None))
+                draft_vocab=getattr(a, "draft_vocab", None), head=_head_arg(getattr(a, "head", None)))
+
+
+def _head_arg(value: str | None):
+    return False if value == "none" else value  # None: the head shipped for the target, if any
 
 
 def summary_line(label: str, r) -> str:
@@ -216,7 +223,7 @@ def _extra_commands():
     import importlib
 
     found = []
-    for mod in ("adaspec.bench.cli", "adaspec.server.cli", "adaspec.calibration.cli"):
+    for mod in ("adaspec.bench.cli", "adaspec.server.cli", "adaspec.calibration.cli", "adaspec.training.cli"):
         try:
             found.append(importlib.import_module(mod).register)
         except ModuleNotFoundError as e:

@@ -65,8 +65,9 @@ def _show(value) -> str:
 
 # The methods: which draft-length policy, which verification rule and which drafter each uses.
 # "exact" means greedy match at temperature 0 and rejection sampling above it (both lossless).
-# Drafters: "model" (the small model), "ngram" (prompt lookup, free), "pool" (lookup, the model or no
-# draft, whichever has the highest expected goodput each step; see drafters/pool.py).
+# Drafters: "model" (the small model), "ngram" (prompt lookup, free), "head" (the draft head on the
+# target's features, drafters/head.py), "pool" (lookup, the model, the head or no draft, whichever has
+# the highest expected goodput each step; see drafters/pool.py).
 class Method(NamedTuple):
     length: str
     verify: str
@@ -85,6 +86,7 @@ METHODS: dict[str, Method] = {
     "entropy": Method("entropy", "entropy-tau", "model"),
     "ngram": Method("fixed", "exact", "ngram"),
     "multi-draft": Method("cmasd", "confidence-tau", "pool"),
+    "head": Method("cmasd", "exact", "head"),
     # Calibrated methods read a pair's profile (`adaspec calibrate`; docs/calibration.md).
     "entropy-calibrated": Method("entropy", "entropy-tau", "model", calibrated=True),
     "cost-aware": Method("cost-aware", "exact", "model", calibrated=True),

@@ -141,7 +141,13 @@ def _engine_method(name: str) -> BenchMethod:
         return run_loop(ctx.engine, ctx.engine.prepare(cfg), ctx.prompt_ids, cfg)
 
     return BenchMethod(name, run, needs_drafter=METHODS[name].drafter == "model",
-                       description=f"adaspec method {name!r}", defaults=dict(LOSSY_DEFAULTS.get(name, {})))
+                       description=f"adaspec method {name!r}", defaults=dict(LOSSY_DEFAULTS.get(name, {})),
+                       check=_needs_head if METHODS[name].drafter == "head" else None)
+
+
+def _needs_head(engine) -> None:
+    if getattr(engine, "head", None) is None:
+        raise MethodSkipped("needs a draft head (--head FILE; `adaspec train-head` trains one)")
 
 
 def run_loop(engine, plan, prompt_ids: list[int], cfg) -> MethodRun:

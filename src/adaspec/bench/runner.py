@@ -35,7 +35,7 @@ RECORDS_FILE, RUN_FILE = "records.jsonl", "run.json"
 REFERENCE_SUBTASKS = ("translation", "summarization", "rag", "gsm8k", "math_reasoning")
 ANSWER_SUBTASKS = ("gsm8k", "math_reasoning")
 WARMUP_TOKENS = 8
-SETTINGS_KEYS = ("target", "drafter", "max_new_tokens", "options", "chat", "profile")  # must match to resume
+SETTINGS_KEYS = ("target", "drafter", "max_new_tokens", "options", "chat", "profile", "head")  # must match to resume
 
 
 def prompt_text(record: Record) -> str | list[dict]:
@@ -144,7 +144,8 @@ def _start_session(out: Path, engine, records, plan, skipped, options, repeats, 
     settings = {"target": model_info(engine.target, engine.target_name),
                 "drafter": model_info(engine.drafter, engine.drafter_name) if engine.drafter is not None else None,
                 "max_new_tokens": options["max_new_tokens"], "options": _jsonable(options), "chat": engine.chat,
-                "profile": _jsonable(engine.profile.knobs()) if engine.profile is not None else None}
+                "profile": _jsonable(engine.profile.knobs()) if engine.profile is not None else None,
+                "head": engine.head.identity() if getattr(engine, "head", None) is not None else None}
     meta = json.loads(path.read_text()) if path.is_file() else {}
     if meta:
         for key in SETTINGS_KEYS:

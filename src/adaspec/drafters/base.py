@@ -12,6 +12,7 @@ as overhead rather than drafting).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -20,6 +21,8 @@ import torch
 
 from adaspec.config import SamplingConfig
 from adaspec.records import Draft, Signals
+from adaspec.sampling import greedy, sample, warp
+from adaspec.signals import signals_from_logits
 
 
 @dataclass(frozen=True)
@@ -58,3 +61,45 @@ class Drafter(Protocol):
     def commit(self, valid_len: int) -> None:
         """The first valid_len tokens of the sequence are final; forget anything past them."""
         ...
+
+
+class DraftBuilder:
+    """One proposal of a model-like drafter, token by token: each token picked from the drafter's
+    logits (greedy, or sampled with its distribution kept), its signals, and the length policy's
+    verdict on going on. Logits over a pruned vocabulary (N,) come with ``draft_ids``, the token id
+    of each column; distributions are then spread back over the full vocabulary (zero elsewhere)."""
+
+    def __init__(self, ctx: DraftContext, vocab_size: int, draft_ids: torch.Tensor | None = None):
+        self.ctx, self.vocab_size, self.draft_ids = ctx, vocab_size, draft_ids
+        self.tokens: list[torch.Tensor] = []
+        self.probs: list[torch.Tensor] = []
+        self.signals: list[Signals] = []
+        self.signal_s = 0.0  # seconds on signals and policy decisions
+
+    def add(self, logits: torch.Tensor, max_k: int) -> tuple[torch.Tensor, bool]:
+        """Pick the next token from logits (V,) or (N,); returns (token id, whether to draft another)."""
+        ctx, i = self.ctx, len(self.tokens)
+        if ctx.sampling.greedy:
+            column = greedy(logits)  # 0-d
+        else:
+            p = warp(logits, ctx.sampling)
+            column = sample(p, ctx.generator)
+            self.probs.append(p if self.draft_ids is None else
+                              torch.zeros(self.vocab_size, dtype=p.dtype, device=p.device).index_copy_(0, self.draft_ids, p))
+        token = column if self.draft_ids is None else self.draft_ids[column]
+        self.tokens.append(token)
+        t0 = time.perf_counter()
+        sig = signals_from_logits(logits, column, lambdas=ctx.signals.lambdas, logit_scale=ctx.signals.logit_scale,
+                                  signal=ctx.signals.signal, entropy_vocab=self.vocab_size)
+        self.signals.append(sig)
+        keep = i + 1 < max_k and ctx.keep_drafting(i, sig)
+        self.signal_s += time.perf_counter() - t0
+        return token, keep
+
+    def draft(self, device: torch.device, drafter: str) -> Draft:
+        return Draft(
+            tokens=torch.stack(self.tokens).to(device) if self.tokens else torch.zeros(0, dtype=torch.long, device=device),
+            probs=torch.stack(self.probs) if self.probs else None,
+            signals=self.signals,
+            drafter=drafter,
+        )

@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import time
-
 import torch
 
-from adaspec.drafters.base import DraftContext
+from adaspec.drafters.base import DraftBuilder, DraftContext
 from adaspec.models.base import ModelAdapter, absorb
-from adaspec.records import Draft, Signals
-from adaspec.sampling import greedy, sample, warp
-from adaspec.signals import signals_from_logits
+from adaspec.records import Draft
 
 
 class ModelDrafter:
@@ -48,40 +44,16 @@ class ModelDrafter:
 
     def propose(self, seq: torch.Tensor, max_k: int, ctx: DraftContext) -> Draft:
         feed = seq[self.offset + self.adapter.length :]  # (n,) committed tokens not yet in the cache
-        tokens: list[torch.Tensor] = []
-        probs: list[torch.Tensor] = []
-        sigs: list[Signals] = []
-        for i in range(max_k):
+        build = DraftBuilder(ctx, self.vocab_size, self.draft_ids)
+        for _ in range(max_k):
             logits = self.adapter.extend(feed)[-1]  # (V,), or (N,) over a pruned vocabulary
             self.forwards += 1
-            if ctx.sampling.greedy:
-                column = greedy(logits)  # 0-d
-            else:
-                p = warp(logits, ctx.sampling)  # (V,) or (N,)
-                column = sample(p, ctx.generator)
-                probs.append(p if self.draft_ids is None else self._full(p))
-            token = column if self.draft_ids is None else self.draft_ids[column]
-            tokens.append(token)
-            t0 = time.perf_counter()
-            sig = signals_from_logits(logits, column, lambdas=ctx.signals.lambdas, logit_scale=ctx.signals.logit_scale,
-                                      signal=ctx.signals.signal, entropy_vocab=self.vocab_size)
-            sigs.append(sig)
-            keep = i + 1 < max_k and ctx.keep_drafting(i, sig)
-            self.signal_s += time.perf_counter() - t0
+            token, keep = build.add(logits, max_k)
             if not keep:
                 break
             feed = token.reshape(1)
-        device = seq.device
-        return Draft(
-            tokens=torch.stack(tokens).to(device) if tokens else torch.zeros(0, dtype=torch.long, device=device),
-            probs=torch.stack(probs) if probs else None,
-            signals=sigs,
-            drafter=self.name,
-        )
-
-    def _full(self, p: torch.Tensor) -> torch.Tensor:
-        """A distribution over the kept ids as one over the whole vocabulary (zero elsewhere)."""
-        return torch.zeros(self.vocab_size, dtype=p.dtype, device=p.device).index_copy_(0, self.draft_ids, p)
+        self.signal_s += build.signal_s
+        return build.draft(seq.device, self.name)
 
     def commit(self, valid_len: int) -> None:
         self.adapter.rollback(min(self.adapter.length, valid_len - self.offset))
