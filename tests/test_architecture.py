@@ -56,9 +56,9 @@ def test_no_import_cycle():
 def test_the_package_root_holds_the_engine_and_one_folder_per_concept():
     modules = {p.stem for p in PACKAGE.glob("*.py")}
     folders = {p.name for p in PACKAGE.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
-    assert folders == {"bench", "calibration", "drafters", "models", "policies", "server"}
-    assert modules == {"__init__", "api", "cli", "config", "decode", "plan", "records", "sampling", "signals",
-                       "stopping", "verify"}
+    assert folders == {"bench", "calibration", "drafters", "models", "policies", "server", "training"}
+    assert modules == {"__init__", "api", "batching", "cli", "config", "decode", "plan", "records", "sampling",
+                       "signals", "stopping", "verify"}
 
 
 def test_the_decode_loop_is_short_and_never_reads_a_profile_or_a_default():

@@ -35,10 +35,10 @@ KEY = "test-key-123"
 
 
 class LiveServer:
-    """create_app on the tiny models, served by uvicorn in a thread on a free 127.0.0.1 port."""
+    """create_app on the tiny models (or `engine`), served by uvicorn in a thread on a free 127.0.0.1 port."""
 
-    def __init__(self, **settings):
-        self.app = create_app(adaspec.load("tiny", "tiny-draft"), ServerSettings(**settings))
+    def __init__(self, engine=None, **settings):
+        self.app = create_app(engine or adaspec.load("tiny", "tiny-draft"), ServerSettings(**settings))
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.bind(("127.0.0.1", 0))  # bound before uvicorn starts: no race for the port
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"

@@ -326,18 +326,22 @@ class Engine:
         return Stream(speculative_generate(self.target, self.prepare(cfg), ids, cfg, stop=stop),
                       self.tokenizer, cfg.stop)
 
-    def prepare(self, cfg: GenerationConfig, *, drafter: Drafter | None = None, warn: bool = True) -> Speculation:
+    def prepare(self, cfg: GenerationConfig, *, drafter: Drafter | None = None, warn: bool = True,
+                view: ModelAdapter | None = None, batched: bool = False) -> Speculation:
         """A request's speculation, resolved once before the loop: its knobs (explicit > this
         engine's profile, for calibrated methods > built-in fallbacks), the drafter its method names
         (or ``drafter``, e.g. the benchmark's oracle) and its policies. Raises AdaspecError for a
         method this engine cannot run. warn=False: no warning for a calibrated method without a
-        profile (a check before the run that warns itself)."""
+        profile (a check before the run that warns itself). view: the drafter model's cache for this
+        request; batched: the request decodes beside others (batching.py), so the head and the extra
+        drafters, which keep one cache, are left out of pools and refused as a method's drafter."""
         spec = resolve_knobs(cfg.spec, self.profile, warn=warn)
-        return prepare(spec, drafter if drafter is not None else self.drafter_for(spec), self.profile)
+        chosen = drafter if drafter is not None else self.drafter_for(spec, view=view, batched=batched)
+        return prepare(spec, chosen, self.profile)
 
-    def drafter_for(self, spec: SpecConfig) -> Drafter | None:
-        """The drafter a resolved spec's method uses: none, the model, prompt lookup, or a pool of
-        lookup, the model and ``extra_drafters``."""
+    def drafter_for(self, spec: SpecConfig, *, view: ModelAdapter | None = None, batched: bool = False) -> Drafter | None:
+        """The drafter a resolved spec's method uses: none, the model, prompt lookup, the head, or a
+        pool of lookup, the model and ``extra_drafters`` (the head among them)."""
         kind = spec.drafter_kind
         if kind == "none":
             return None
@@ -345,31 +349,28 @@ class Engine:
         if kind == "ngram":
             return ngram
         if kind == "head":
-            if self.head is None:
+            if self.head is None or batched:
                 raise AdaspecError(f"method {spec.method!r} needs a draft head: load one (head=PATH, --head FILE; "
-                                   "`adaspec train-head` trains one), or use another method")
+                                   "`adaspec train-head` trains one), or use another method" if self.head is None else
+                                   f"method {spec.method!r}: the draft head keeps one cache, so it runs one request "
+                                   "at a time (serve with --max-batch 1), or use another method")
             return self.head
-        if self.drafter is None and not (kind == "pool" and self.extra_drafters):
+        extras = [] if batched else self.extra_drafters
+        if self.drafter is None and not (kind == "pool" and extras):
             raise AdaspecError(f"method {spec.method!r} needs a drafter model: load one, or use method='ar' "
                                "or method='ngram'")
-        model = self._model_drafter(spec)
+        model = None if self.drafter is None else ModelDrafter(view or self.drafter, context=spec.draft_context)
         if kind == "model":
             return model
-        return self._pool(ngram, model, spec)
+        return self._pool(ngram, model, extras, spec)
 
-    def _model_drafter(self, spec: SpecConfig) -> ModelDrafter | None:
-        """The drafter model, reading the whole prompt or (spec.draft_context) only its tail."""
-        if self.drafter is None:
-            return None
-        return ModelDrafter(self.drafter, context=spec.draft_context)
-
-    def _pool(self, ngram: NGramDrafter, model: ModelDrafter | None, spec: SpecConfig) -> DrafterPool:
+    def _pool(self, ngram: NGramDrafter, model: ModelDrafter | None, extras: list, spec: SpecConfig) -> DrafterPool:
         """The drafter pool on the profile's measured costs (ms), else on the fallbacks (units of one
         target forward). Extra drafters' relative costs are scaled by the one-token target forward."""
         cost = self.profile.cost if self.profile is not None else None
         target_ms = cost.target_cost if cost is not None else fallback_target_cost
         unit = target_ms(1)
-        models, priors = [(d, c * unit) for d, c in self.extra_drafters], {}
+        models, priors = [(d, c * unit) for d, c in extras], {}
         if model is not None:
             measured = cost.drafter_ms_per_token if cost is not None else None
             models.insert(0, (model, measured if measured is not None else FALLBACK_DRAFTER * unit))
@@ -401,23 +402,28 @@ class Stream:
     def __iter__(self) -> Iterator:
         try:
             while True:
-                new = next(self._gen)
-                self._ids += new
-                if self._tok is None:
-                    yield new
-                    continue
-                delta = self._delta(final=False)
+                delta = self.add(next(self._gen))
                 if delta:
                     yield delta
         except StopIteration as done:
-            self.result = done.value
-        if self._tok is not None:
-            if self.result.text is None:
-                self.result.text = self._tok.decode(self.result.token_ids)
-            self._ids = self.result.token_ids
-            delta = self._delta(final=True, text=self.result.text)
-            if delta:
-                yield delta
+            delta = self.end(done.value)
+        if delta:
+            yield delta
+
+    def add(self, new: list[int]) -> str | list[int]:
+        """The text (token ids without a tokenizer) that these newly committed ids make final."""
+        self._ids += new
+        return new if self._tok is None else self._delta(final=False)
+
+    def end(self, result: Result) -> str | list[int]:
+        """The generation is over: keep its Result, release what was held back."""
+        self.result = result
+        if self._tok is None:
+            return []
+        if result.text is None:
+            result.text = self._tok.decode(result.token_ids)
+        self._ids = result.token_ids
+        return self._delta(final=True, text=result.text)
 
     def close(self) -> None:
         """Stop generating at the next step (e.g. the client went away)."""

@@ -94,41 +94,85 @@ def speculative_generate(target: ModelAdapter, plan: Speculation, prompt_ids: li
                          cfg: GenerationConfig, *, stop: StopStrings | None = None
                          ) -> Generator[list[int], None, Result]:
     """Yield each step's committed tokens; return the Result (``StopIteration.value``)."""
-    prompt = torch.as_tensor(prompt_ids, dtype=torch.long, device=target.device).reshape(-1)
-    drafter, policy = plan.drafter, plan.length
-    check_inputs(target, drafter, prompt.shape[0], cfg)
-    generator = None if cfg.sampling.greedy else make_generator(cfg.sampling.seed, target.device)
-    ctx = DraftContext(cfg.sampling, generator, plan.signals, policy.keep_drafting)
-    finish = Finish(cfg.max_new_tokens, set() if cfg.ignore_eos else set(target.eos_token_ids), stop)
-    ledger = Ledger(drafter, trace=cfg.trace)
-    seq = torch.empty(prompt.shape[0] + cfg.max_new_tokens, dtype=torch.long, device=target.device)
-    seq[: prompt.shape[0]] = prompt
-    L = prompt.shape[0]  # committed length
-
-    prefill(target, drafter, prompt)
-    ledger.prefilled()
-    while not finish.done:
-        ledger.start_step()
-        max_k = min(policy.propose_length(), finish.room - 1)
-        draft = propose(drafter, seq[:L], max_k, ctx)
-        ledger.drafted()
-        target_logits = score(target, seq[:L], draft)  # (k+1, V)
-        ledger.scored()
-        verdict, taus = judge(plan, draft, target_logits, cfg.sampling, generator)
-        n = verdict.n_accepted
-        commit(target, drafter, L + n)
-        policy.update(StepOutcome(k=len(draft), n_accepted=n, signals=draft.signals))
-        new = finish.keep(draft.tokens[:n].tolist() + [verdict.next_token])  # host sync: tokens leave the device
-        seq[L : L + len(new)] = torch.tensor(new, dtype=torch.long)
-        L += len(new)
-        ledger.step(draft, verdict, taus, committed=len(new))
+    run = Decoding(target, plan, prompt_ids, cfg, stop=stop)
+    run.prefill()
+    while not run.done:
+        draft = run.propose()
+        target_logits = score(target, run.committed, draft)  # (k+1, V)
+        new = run.settle(draft, target_logits)
         if new:
             yield new
+    return run.result()
 
-    return Result(token_ids=finish.generated, text=finish.text, finish_reason=finish.finish_reason,
-                  method=plan.spec.method, lossless=plan.lossless or drafter is None,
-                  stats=ledger.close(len(finish.generated)), trace=ledger.trace, prompt_tokens=int(prompt.shape[0]),
-                  spec=plan.spec)
+
+class Decoding:
+    """One request's decode loop, one phase at a time: `prefill`, then per step `propose`, a target
+    forward over `feed(draft)` (done by the caller), and `settle`. `speculative_generate` runs it
+    alone; the batch scheduler (batching.py) runs many side by side with one target forward for all."""
+
+    def __init__(self, target: ModelAdapter, plan: Speculation, prompt_ids: list[int] | torch.Tensor,
+                 cfg: GenerationConfig, *, stop: StopStrings | None = None):
+        self.prompt = prompt = torch.as_tensor(prompt_ids, dtype=torch.long, device=target.device).reshape(-1)
+        self.target, self.plan, self.cfg = target, plan, cfg
+        self.drafter, self.policy = plan.drafter, plan.length
+        check_inputs(target, self.drafter, prompt.shape[0], cfg)
+        self.generator = None if cfg.sampling.greedy else make_generator(cfg.sampling.seed, target.device)
+        self.ctx = DraftContext(cfg.sampling, self.generator, plan.signals, self.policy.keep_drafting)
+        self.finish = Finish(cfg.max_new_tokens, set() if cfg.ignore_eos else set(target.eos_token_ids), stop)
+        self.ledger = Ledger(self.drafter, trace=cfg.trace)
+        self.seq = torch.empty(prompt.shape[0] + cfg.max_new_tokens, dtype=torch.long, device=target.device)
+        self.seq[: prompt.shape[0]] = prompt
+        self.L = prompt.shape[0]  # committed length
+
+    @property
+    def committed(self) -> torch.Tensor:
+        return self.seq[: self.L]
+
+    @property
+    def done(self) -> bool:
+        return self.finish.done
+
+    def prefill(self) -> None:
+        prefill(self.target, self.drafter, self.prompt)
+        self.ledger.prefilled()
+
+    def prefilled(self) -> None:
+        """The caller brought the target's cache to prompt[:-1] itself (a chunked, batched prefill)."""
+        if self.drafter is not None:
+            self.drafter.begin(self.prompt)
+        self.ledger.prefilled()
+
+    def propose(self, cap: int | None = None) -> Draft:
+        """The step's draft: at most what the length policy, the room left and `cap` allow."""
+        self.ledger.start_step()
+        max_k = min(self.policy.propose_length(), self.finish.room - 1, cap if cap is not None else self.finish.room)
+        draft = propose(self.drafter, self.committed, max_k, self.ctx)
+        self.ledger.drafted()
+        return draft
+
+    def feed(self, draft: Draft) -> torch.Tensor:
+        """What the target scores for this draft: the unseen committed tokens, then the draft."""
+        return torch.cat([self.seq[self.target.length : self.L], draft.tokens])
+
+    def settle(self, draft: Draft, target_logits: torch.Tensor) -> list[int]:
+        """Verify the draft against the target's logits (k+1, V), commit, adapt; the new tokens."""
+        self.ledger.scored()
+        verdict, taus = judge(self.plan, draft, target_logits, self.cfg.sampling, self.generator)
+        n = verdict.n_accepted
+        commit(self.target, self.drafter, self.L + n)
+        self.policy.update(StepOutcome(k=len(draft), n_accepted=n, signals=draft.signals))
+        new = self.finish.keep(draft.tokens[:n].tolist() + [verdict.next_token])  # host sync: tokens leave the device
+        self.seq[self.L : self.L + len(new)] = torch.tensor(new, dtype=torch.long)
+        self.L += len(new)
+        self.ledger.step(draft, verdict, taus, committed=len(new))
+        return new
+
+    def result(self) -> Result:
+        finish, plan = self.finish, self.plan
+        return Result(token_ids=finish.generated, text=finish.text, finish_reason=finish.finish_reason,
+                      method=plan.spec.method, lossless=plan.lossless or self.drafter is None,
+                      stats=self.ledger.close(len(finish.generated)), trace=self.ledger.trace,
+                      prompt_tokens=int(self.prompt.shape[0]), spec=plan.spec)
 
 
 class Ledger:

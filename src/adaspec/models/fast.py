@@ -95,14 +95,16 @@ class FastDecoder:
 
     @property
     def length(self) -> int:
-        return self._length
+        return self._slot.length
 
     def reset(self) -> None:
         """Empty the cache; re-read the model's modules if quantisation has replaced them."""
         self._bind()
-        self._length = 0
-        self._k: list[torch.Tensor] = []  # per layer (n_kv, capacity, head_dim)
-        self._v: list[torch.Tensor] = []
+        self._slot = self.new_slot()
+
+    def new_slot(self) -> "Slot":
+        """An empty cache for one more sequence (batched decoding: `extend_batch`, `SlotView`)."""
+        return Slot(self)
 
     def _bind(self) -> None:
         inner = self.model.model
@@ -118,69 +120,145 @@ class FastDecoder:
 
     def rollback(self, length: int) -> None:
         check_rollback(self, length)
-        self._length = length  # entries past it are overwritten by the next extend
-
-    def _reserve(self, needed: int, like: torch.Tensor) -> None:
-        capacity = self._k[0].shape[1] if self._k else 0
-        if needed <= capacity:
-            return
-        new = max(needed, 2 * capacity, 256)
-        if self.max_length is not None:
-            new = max(needed, min(new, self.max_length))
-        shape = (self.n_kv, new, self.head_dim)
-        for store in (self._k, self._v):
-            grown = [torch.empty(shape, dtype=like.dtype, device=like.device) for _ in self._layers]
-            for old, g in zip(store, grown):
-                g[:, : self._length] = old[:, : self._length]
-            store[:] = grown
+        self._slot.length = length  # entries past it are overwritten by the next extend
 
     # ---- forward -------------------------------------------------------------------------------
 
     def extend(self, ids: torch.Tensor) -> torch.Tensor:
-        return self._forward(ids, head=True)
+        check_extend(self, ids)
+        return self.extend_batch([self._slot], [ids])[0]
 
     def absorb(self, ids: torch.Tensor) -> None:
         """extend without logits (a prefill): the final norm and the head are skipped."""
-        self._forward(ids, head=False)
+        check_extend(self, ids)
+        self.extend_batch([self._slot], [ids], logits=[False])
 
-    def _forward(self, ids: torch.Tensor, head: bool) -> torch.Tensor | None:
-        n, start = check_extend(self, ids), self._length
+    def extend_batch(self, slots: list["Slot"], ids: list[torch.Tensor],
+                     logits: list[bool] | None = None) -> list[torch.Tensor | None]:
+        """One forward over several sequences, each appending ids[i] (n_i,) to slots[i]: the rows of
+        all of them are stacked for the embedding, norms, linear layers and head, and each row
+        attends to its own sequence's cache. With exact rows a row's result does not depend on the
+        other rows (int8 rows are quantised one by one and summed exactly; attention is per row), so
+        a sequence decodes identically alone or among others. logits[i] False: none for sequence i.
+        Returns the logits (n_i, V) of each sequence (None where not wanted)."""
+        if len(slots) != len(ids) or len({id(s) for s in slots}) != len(slots):
+            raise ValueError("extend_batch takes one id tensor per slot, each slot once")
+        logits = [True] * len(slots) if logits is None else logits
+        sizes = [int(t.shape[0]) for t in ids]
+        for slot, n in zip(slots, sizes):
+            if n == 0:
+                raise ValueError("extend_batch takes at least one token id per sequence")
+            if self.max_length is not None and slot.length + n > self.max_length:
+                raise AdaspecError(f"{self.name}: prompt + new tokens exceed the context of {self.max_length} tokens")
         with torch.inference_mode():
-            x = self._embed(ids.to(self.device, torch.long)[None])  # (1, n, hidden)
-            positions = torch.arange(start, start + n, device=self.device)[None]
-            cos, sin = self._rope(x, positions)  # (1, n, head_dim) each
-            self._reserve(start + n, x)
+            x = self._embed(torch.cat(ids).to(self.device, torch.long)[None])  # (1, R, hidden), R = sum n_i
+            positions = torch.cat([torch.arange(s.length, s.length + n) for s, n in zip(slots, sizes)])
+            cos, sin = self._rope(x, positions.to(self.device)[None])  # (1, R, head_dim) each
+            for slot, n in zip(slots, sizes):
+                slot.reserve(slot.length + n, x)
             for i, layer in enumerate(self._layers):
-                x = x + self._attention(i, layer, layer.norm1(x), cos, sin, start)
+                x = x + self._attention(i, layer, layer.norm1(x), cos, sin, slots, sizes)
                 x = x + layer.mlp(layer.norm2(x))
-            logits = self._head(self._norm(x))[0] if head else None  # (n, V)
-        self._length = start + n
-        return logits
+            rows = [r for r, want in zip(x[0].split(sizes), logits) if want]
+            heads = self._head(self._norm(torch.cat(rows)[None]))[0].split(
+                [n for n, want in zip(sizes, logits) if want]) if rows else []
+        for slot, n in zip(slots, sizes):
+            slot.length += n
+        it = iter(heads)
+        return [next(it) if want else None for want in logits]
 
-    def _attention(self, i: int, layer: "_Layer", h: torch.Tensor, cos, sin, start: int) -> torch.Tensor:
-        n, d = h.shape[1], self.head_dim
+    def _attention(self, i: int, layer: "_Layer", h: torch.Tensor, cos, sin, slots, sizes) -> torch.Tensor:
+        R, d = h.shape[1], self.head_dim
         q, k, v = layer.qkv(h)
-        q = q.view(n, self.n_heads, d).transpose(0, 1)  # (H, n, d)
-        k = k.view(n, self.n_kv, d).transpose(0, 1)  # (H_kv, n, d)
-        v = v.view(n, self.n_kv, d).transpose(0, 1)
+        q = q.view(R, self.n_heads, d).transpose(0, 1)  # (H, R, d)
+        k = k.view(R, self.n_kv, d).transpose(0, 1)  # (H_kv, R, d)
+        v = v.view(R, self.n_kv, d).transpose(0, 1)
         q, k = _rotate(q, cos[0], sin[0]), _rotate(k, cos[0], sin[0])
+        outs, row = [], 0
+        for slot, n in zip(slots, sizes):
+            outs.append(self._attend(slot, i, q[:, row : row + n], k[:, row : row + n], v[:, row : row + n]))
+            row += n
+        out = torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]  # (H, R, d)
+        return layer.o_proj(out.transpose(0, 1).reshape(1, R, self.n_heads * d))
+
+    def _attend(self, slot: "Slot", i: int, q, k, v) -> torch.Tensor:
+        """One sequence's new rows q (H, n, d) against its cache, after storing its new keys and values."""
+        n, start = q.shape[1], slot.length
         end = start + n
-        self._k[i][:, start:end] = k
-        self._v[i][:, start:end] = v
-        keys, values = self._k[i], self._v[i]
+        slot.k[i][:, start:end] = k
+        slot.v[i][:, start:end] = v
+        keys, values = slot.k[i], slot.v[i]
         gqa = self.n_kv != self.n_heads
         if n > MAX_ROWWISE:  # prefill: one causal call; a mask when earlier tokens are cached
             mask = None
             if start:
-                mask = torch.ones(n, end, dtype=torch.bool, device=h.device).tril(start)
-            out = F.scaled_dot_product_attention(q, keys[:, :end], values[:, :end], attn_mask=mask,
-                                                 is_causal=mask is None, enable_gqa=gqa)
-        else:  # each row exactly as a one-token step computes it
-            out = torch.cat([
-                F.scaled_dot_product_attention(q[:, r : r + 1], keys[:, : start + r + 1], values[:, : start + r + 1],
-                                               enable_gqa=gqa)
-                for r in range(n)], dim=1)  # (H, n, d)
-        return layer.o_proj(out.transpose(0, 1).reshape(1, n, self.n_heads * d))
+                mask = torch.ones(n, end, dtype=torch.bool, device=q.device).tril(start)
+            return F.scaled_dot_product_attention(q, keys[:, :end], values[:, :end], attn_mask=mask,
+                                                  is_causal=mask is None, enable_gqa=gqa)
+        # each row exactly as a one-token step computes it
+        return torch.cat([
+            F.scaled_dot_product_attention(q[:, r : r + 1], keys[:, : start + r + 1], values[:, : start + r + 1],
+                                           enable_gqa=gqa)
+            for r in range(n)], dim=1)  # (H, n, d)
+
+
+class Slot:
+    """The key/value cache of one sequence: per layer (n_kv, capacity, head_dim), grown by doubling;
+    `length` tokens are valid (rollback only moves it)."""
+
+    def __init__(self, decoder: FastDecoder):
+        self.decoder = decoder
+        self.length = 0
+        self.k: list[torch.Tensor] = []
+        self.v: list[torch.Tensor] = []
+
+    def reserve(self, needed: int, like: torch.Tensor) -> None:
+        dec = self.decoder
+        capacity = self.k[0].shape[1] if self.k else 0
+        if needed <= capacity:
+            return
+        new = max(needed, 2 * capacity, 256)
+        if dec.max_length is not None:
+            new = max(needed, min(new, dec.max_length))
+        shape = (dec.n_kv, new, dec.head_dim)
+        for store in (self.k, self.v):
+            grown = [torch.empty(shape, dtype=like.dtype, device=like.device) for _ in dec._layers]
+            for old, g in zip(store, grown):
+                g[:, : self.length] = old[:, : self.length]
+            store[:] = grown
+
+
+class SlotView:
+    """`ModelAdapter` over one slot of a FastDecoder: a sequence of its own on shared weights (one
+    per request in batched decoding). Forwards through it run that sequence alone."""
+
+    def __init__(self, decoder: FastDecoder, slot: Slot | None = None):
+        self.decoder, self.slot = decoder, slot or decoder.new_slot()
+        self.name, self.vocab_size, self.eos_token_ids = decoder.name, decoder.vocab_size, decoder.eos_token_ids
+        self.max_length, self.device = decoder.max_length, decoder.device
+
+    @property
+    def model(self):
+        return self.decoder.model
+
+    @property
+    def length(self) -> int:
+        return self.slot.length
+
+    def reset(self) -> None:
+        self.slot.length = 0
+
+    def rollback(self, length: int) -> None:
+        check_rollback(self, length)
+        self.slot.length = length
+
+    def extend(self, ids: torch.Tensor) -> torch.Tensor:
+        check_extend(self, ids)
+        return self.decoder.extend_batch([self.slot], [ids])[0]
+
+    def absorb(self, ids: torch.Tensor) -> None:
+        check_extend(self, ids)
+        self.decoder.extend_batch([self.slot], [ids], logits=[False])
 
 
 class _Layer:

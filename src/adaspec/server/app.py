@@ -3,8 +3,11 @@
 A request is validated in full before it queues (every 4xx comes before any model runs), then
 waits in a bounded FIFO (429 with Retry-After when full); the one worker thread runs generations in
 arrival order and posts each text delta to the request's event queue, from which the handler
-answers with JSON or server-sent events. One worker because an Engine owns one KV cache per model;
-the event loop only validates, waits and streams, so it stays responsive while torch runs.
+answers with JSON or server-sent events. By default the worker batches (continuous batching,
+batching.py): up to --max-batch requests decode together with one target forward per step, and a
+queued request joins between steps; --max-batch 1, or models the batched runtime cannot run, give
+one generation at a time. The event loop only validates, waits and streams, so it stays responsive
+while torch runs.
 
 Every request gets an answer. When its client leaves or its time limit (--request-timeout,
 counted from arrival, queue wait included) passes, the handler cancels its job: a queued job is
@@ -21,6 +24,7 @@ import dataclasses
 import asyncio
 import hmac
 import json
+import logging
 import math
 import time
 import uuid
@@ -39,8 +43,9 @@ from adaspec.config import SPEC_KNOBS, AdaspecError
 from adaspec.server.metrics import Metrics
 from adaspec.server.schemas import (APIError, ChatRequest, CompletionRequest, Kind, chunk_body, response_body,
                                     usage_chunk)
-from adaspec.server.worker import Job, QueueFull, Worker
+from adaspec.server.worker import BatchWorker, Job, QueueFull, Worker
 
+log = logging.getLogger("adaspec.server")
 ENDPOINTS = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/health", "/metrics")
 POLL_S = 0.25  # how often a waiting non-streamed request checks whether its client is still there
 
@@ -54,6 +59,9 @@ class ServerSettings:
     request_timeout: float = 300.0  # seconds from arrival to the end of the answer; 0 = no limit
     max_body_bytes: int = 1 << 20
     model_name: str | None = None  # the id clients send as `model` (default: the target's name)
+    max_batch: int = 8  # requests decoding together (continuous batching); 1 = one at a time
+    max_kv_tokens: int = 65536  # prompt + max_tokens summed over the requests in the batch
+    prefill_chunk: int = 256  # prompt tokens prefilled per request and step while others decode
 
     def validate(self) -> "ServerSettings":
         if not (isinstance(self.queue_size, int) and self.queue_size >= 1):
@@ -62,8 +70,15 @@ class ServerSettings:
             raise AdaspecError(f"request_timeout must be >= 0 seconds (0 = no limit), got {self.request_timeout!r}")
         if not self.max_body_bytes >= 1:
             raise AdaspecError(f"max_body_bytes must be >= 1, got {self.max_body_bytes!r}")
+        self.batch_settings()
         make_config(self.method or "ar", **self.defaults)  # bad defaults fail at start, not on every request
         return self
+
+    def batch_settings(self):
+        from adaspec.batching import BatchSettings
+
+        return BatchSettings(max_batch=self.max_batch, max_kv_tokens=self.max_kv_tokens,
+                             prefill_chunk=self.prefill_chunk, max_rows=max(512, self.prefill_chunk)).validate()
 
 
 class ClientGone(Exception):
@@ -101,8 +116,19 @@ class Service:
         self.model_name = settings.model_name or engine.target_name
         self.started = int(time.time())
         self.metrics = Metrics(queue_depth=lambda: self.worker.depth(),
-                               busy=lambda: int(self.worker.current is not None), queue_capacity=settings.queue_size)
-        self.worker = Worker(engine, settings.queue_size, self.metrics)
+                               busy=lambda: len(self.worker.running()), queue_capacity=settings.queue_size)
+        self.worker = self._worker(engine, settings)
+
+    def _worker(self, engine: Engine, settings: ServerSettings) -> Worker:
+        """The batching worker where the models allow it, else one generation at a time."""
+        from adaspec.batching import can_batch
+
+        if settings.max_batch > 1:
+            why = can_batch(engine)
+            if why is None:
+                return BatchWorker(engine, settings.queue_size, self.metrics, settings.batch_settings())
+            log.warning("serving one request at a time: %s", why)
+        return Worker(engine, settings.queue_size, self.metrics)
 
     @asynccontextmanager
     async def lifespan(self, app: FastAPI):
@@ -118,7 +144,7 @@ class Service:
             job.cancel("shutdown")
             self.metrics.generations.labels("shutdown").inc()
             job.post("cancelled")
-        if (job := self.worker.current) is not None:
+        for job in self.worker.running():
             job.cancel("shutdown")
         self.worker.join(timeout=30)
 
@@ -210,7 +236,7 @@ class Service:
         except (AdaspecError, TypeError, ValueError) as e:
             raise APIError(400, str(e), param=_param_of(str(e))) from None
         try:
-            self.engine.prepare(cfg, warn=False)  # a method this engine cannot run is a 400; the run warns
+            self.worker.check(cfg)  # a method this engine (or batching) cannot run is a 400; the run warns
         except AdaspecError as e:
             raise APIError(400, str(e), param="speculation.method") from None
         return method, options
@@ -418,7 +444,7 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
     @app.get("/health")
     async def health() -> dict:
         return {"status": "ok", "model": service.model_name, "queue_depth": service.worker.depth(),
-                "busy": service.worker.current is not None}
+                "busy": bool(service.worker.running()), "running": len(service.worker.running())}
 
     @app.get("/v1/models")
     async def models() -> dict:

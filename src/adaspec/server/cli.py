@@ -33,6 +33,13 @@ def register(subparsers) -> None:
     s.add_argument("--max-body-bytes", type=int, default=1 << 20,
                    help="largest request body accepted, else 413 (default 1 MiB)")
     s.add_argument("--model-name", default=None, help="model id clients send (default: the --target value)")
+    s.add_argument("--max-batch", type=int, default=8,
+                   help="requests decoding together, one target forward per step for all (continuous batching; "
+                        "docs/server.md); 1 = one at a time (default 8)")
+    s.add_argument("--max-kv-tokens", type=int, default=65536,
+                   help="prompt + max_tokens summed over the batch; a request beyond it waits (default 65536)")
+    s.add_argument("--prefill-chunk", type=int, default=256,
+                   help="prompt tokens prefilled per request and step while others decode (default 256)")
     s.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     p.set_defaults(func=cmd_serve)
 
@@ -46,7 +53,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
     settings = ServerSettings(
         method=a.method, defaults=option_values(a), api_key=a.api_key or os.environ.get("ADASPEC_API_KEY") or None,
         queue_size=a.queue_size, request_timeout=a.request_timeout, max_body_bytes=a.max_body_bytes,
-        model_name=a.model_name).validate()  # before loading weights: a typo should not cost a model load
+        model_name=a.model_name, max_batch=a.max_batch, max_kv_tokens=a.max_kv_tokens,
+        prefill_chunk=a.prefill_chunk).validate()  # before loading weights: a typo should not cost a model load
     if not settings.api_key and not _is_loopback(a.host):
         print(f"adaspec: warning: serving on {a.host} without an API key: anyone who can reach it can use it",
               file=sys.stderr)

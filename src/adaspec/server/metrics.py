@@ -43,6 +43,23 @@ class Metrics:
         Gauge("adaspec_queue_capacity", "most requests that may wait (--queue-size)", registry=r).set(queue_capacity)
         Gauge("adaspec_busy", "1 while the engine runs a generation", registry=r).set_function(busy)
 
+        self.batch_size = Histogram("adaspec_batch_size", "sequences decoding in one target forward (continuous "
+                                    "batching)", buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32), registry=r)
+        self.rows = Histogram("adaspec_rows_per_forward", "rows of one batched target forward (drafts, one per "
+                              "sequence, prefill chunks)", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+                              registry=r)
+        self.draft_cap = Histogram("adaspec_draft_length_cap", "load-aware draft-length cap of a greedy sequence "
+                                   "in a batched step", buckets=(0, 1, 2, 3, 4, 6, 8, 12, 16), registry=r)
+
+    def batch_step(self, size: int, rows: int, caps: list) -> None:
+        if size:
+            self.batch_size.observe(size)
+        if rows:
+            self.rows.observe(rows)
+        for cap in caps:
+            if cap is not None:
+                self.draft_cap.observe(cap)
+
     def finished(self, result: Result, outcome: str) -> None:
         s = result.stats
         self.generations.labels(outcome).inc()

@@ -1,8 +1,11 @@
-"""The worker: one thread that runs generations in arrival order from a bounded FIFO of jobs.
+"""The workers: one thread that runs generations from a bounded FIFO of jobs, either one at a time
+(`Worker`, --max-batch 1) or many together with one target forward per step (`BatchWorker`,
+continuous batching: batching.py).
 
 A Job is shared by its HTTP handler (on the event loop) and the worker thread: the worker posts
 events to the job's asyncio queue through the loop (`call_soon_threadsafe`); the handler cancels it
-through a threading.Event that the worker checks after every step that releases text.
+through a threading.Event that the worker checks after every step (the batch worker: every step of
+the batch, so a client that leaves frees its slot within one step).
 """
 
 from __future__ import annotations
@@ -15,8 +18,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from adaspec.api import Engine
-from adaspec.config import AdaspecError
+from adaspec.api import Engine, Stream
+from adaspec.config import AdaspecError, make_config
 from adaspec.server.metrics import Metrics
 from adaspec.server.schemas import FINISH, APIError
 
@@ -71,6 +74,14 @@ class Worker:
 
     def depth(self) -> int:
         return len(self._jobs)
+
+    def running(self) -> list[Job]:
+        """The jobs generating now."""
+        return [self.current] if self.current is not None else []
+
+    def check(self, cfg) -> None:
+        """Raise AdaspecError when this worker cannot run a request with this config."""
+        self.engine.prepare(cfg, warn=False)
 
     def submit(self, job: Job) -> None:
         with self._cv:
@@ -143,3 +154,105 @@ class Worker:
         else:
             self.metrics.finished(stream.result, FINISH[stream.result.finish_reason])
             job.post("done", stream.result)
+
+
+class BatchWorker(Worker):
+    """The one thread that runs up to `settings.max_batch` generations together (batching.Batcher):
+    queued jobs join the batch between steps as room allows, in arrival order; each step every
+    running job advances, its new text is posted, and cancelled jobs leave at once."""
+
+    def __init__(self, engine: Engine, capacity: int, metrics: Metrics, settings):
+        from adaspec.batching import Batcher
+
+        super().__init__(engine, capacity, metrics)
+        self.batcher = Batcher(engine, settings)
+        self._active: dict = {}  # batching.Sequence -> (Job, Stream, started)
+        self._thread.name = "adaspec-batch-worker"
+
+    def running(self) -> list[Job]:
+        return [job for job, _, _ in list(self._active.values())]
+
+    def check(self, cfg) -> None:
+        self.engine.prepare(cfg, warn=False, batched=True)
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._jobs and not self._active and not self._closed:
+                    self._cv.wait()
+                if self._closed and not self._active:
+                    return
+            self._admit()
+            self._drop_cancelled()
+            if self._active:
+                self._step()
+
+    def _admit(self) -> None:
+        """Move queued jobs into the batch while there is room (the first that does not fit waits)."""
+        while True:
+            with self._cv:
+                if not self._jobs or self._closed:
+                    return
+                job = self._jobs[0]
+                if job.cancelled.is_set():
+                    self._jobs.popleft()
+                    self.metrics.generations.labels(job.reason).inc()
+                    job.post("cancelled")
+                    continue
+                try:
+                    cfg = make_config(job.method, **job.options)
+                except AdaspecError as e:
+                    self._jobs.popleft()
+                    self.metrics.generations.labels("error").inc()
+                    job.post("error", APIError(400, str(e)))
+                    continue
+                if not self.batcher.room_for(len(job.ids), cfg):
+                    return
+                self._jobs.popleft()
+            stop = None
+            if cfg.stop:
+                from adaspec.stopping import StopStrings
+
+                stop = StopStrings(self.engine.tokenizer, cfg.stop)
+            try:
+                seq = self.batcher.admit(job.ids, cfg, stop)
+            except AdaspecError as e:
+                self.metrics.generations.labels("error").inc()
+                job.post("error", APIError(400, str(e)))
+                continue
+            self._active[seq] = (job, Stream(None, self.engine.tokenizer, cfg.stop), time.monotonic())
+
+    def _drop_cancelled(self) -> None:
+        for seq, (job, _, _) in list(self._active.items()):
+            if job.cancelled.is_set():
+                self.batcher.cancel(seq)
+                del self._active[seq]
+                self.metrics.generations.labels(job.reason).inc()
+                job.post("cancelled")
+
+    def _step(self) -> None:
+        size = sum(1 for s in self._active if s.decoding)
+        try:
+            touched = self.batcher.step()
+        except Exception as e:  # one failure ends every generation of the batch, never the worker
+            log.exception("batched generation failed")
+            for seq, (job, _, _) in list(self._active.items()):
+                self.batcher.cancel(seq)
+                self.metrics.generations.labels("error").inc()
+                job.post("error", APIError(500, f"generation failed: {type(e).__name__}: {e}", type="server_error"))
+            self._active.clear()
+            return
+        self.metrics.batch_step(size, self.batcher.last_rows, self.batcher.last_caps)
+        for seq in touched:
+            job, stream, started = self._active[seq]
+            if seq.new and (delta := stream.add(seq.new)):
+                job.post("delta", delta)
+            if seq.done:
+                result = seq.run.result()
+                if delta := stream.end(result):
+                    job.post("delta", delta)
+                del self._active[seq]
+                self.metrics.finished(result, FINISH[result.finish_reason])
+                job.post("done", result)
+                share = (time.monotonic() - started) / max(1, len(self._active) + 1)
+                self.mean_s = 0.8 * self.mean_s + 0.2 * share

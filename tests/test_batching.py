@@ -1,0 +1,131 @@
+"""Continuous batching (batching.py, FastDecoder.extend_batch): a row's logits do not depend on the
+other rows of a forward, so every request decodes the same tokens alone and among others, whoever
+joins or leaves and however long the other prompts are; admission is bounded and cancellation
+frees a slot at once; the load-aware caps shrink speculation as the batch grows."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_fast import _ids, _model
+
+from adaspec.api import Engine, make_config
+from adaspec.batching import BatchSettings, Batcher, can_batch, generate_batch, load_aware_caps
+from adaspec.config import AdaspecError
+from adaspec.models.fast import FastDecoder, SlotView
+from adaspec.models.hf import HFAdapter
+from adaspec.models.invariant import MAX_ROWWISE
+from adaspec.models.quant import quantize_adapter
+from adaspec.models.tiny import tiny_model
+
+
+@pytest.fixture(scope="module")
+def engine():
+    target = quantize_adapter(HFAdapter(_model("qwen2", 0, layers=2), "t"), "int8")
+    drafter_model = quantize_adapter(HFAdapter(_model("qwen2", 0, layers=1), "d"), "int8").model
+    return Engine(target, FastDecoder(drafter_model, "d", exact_rows=False))
+
+
+def _cfg(method="fixed", **kw):
+    return make_config(method, **{"max_new_tokens": 24, "ignore_eos": True, "k": 3, **kw})
+
+
+def test_a_batched_forward_gives_each_sequence_its_own_logits_bit_for_bit(engine):
+    runtime = FastDecoder(engine.target.model, "t", exact_rows=True)
+    feeds = [_ids(5, 1), _ids(MAX_ROWWISE + 9, 2), _ids(1, 3), _ids(12, 4)]
+    alone = []
+    for ids in feeds:
+        view = SlotView(runtime)
+        view.extend(_ids(7, 9))  # some context first
+        alone.append(view.extend(ids))
+    views = [SlotView(runtime) for _ in feeds]
+    for v in views:
+        v.extend(_ids(7, 9))
+    together = runtime.extend_batch([v.slot for v in views], feeds, logits=[True, True, False, True])
+    for a, b, want in zip(alone, together, [True, True, False, True]):
+        assert (b is None) if not want else torch.equal(a, b)
+
+
+def test_greedy_requests_decode_the_same_tokens_alone_and_among_seven_others(engine):
+    prompts = [_ids(10 + 13 * i, i).tolist() for i in range(8)]
+    methods = ["ar", "fixed", "cmasd", "multi-draft", "ngram", "fixed", "cmasd-k", "ar"]
+    cfgs = [_cfg(m) for m in methods]
+    together = generate_batch(engine, prompts, cfgs)
+    for prompt, cfg, r in zip(prompts, cfgs, together):
+        alone = generate_batch(engine, [prompt], [cfg])[0]
+        assert r.token_ids == alone.token_ids
+        assert len(r.token_ids) == 24
+    # and what the plain engine (transformers forward, row-wise attention) decodes
+    plain = [engine.generate(p, method="ar", max_new_tokens=24, ignore_eos=True).token_ids for p in prompts[:3]]
+    assert [r.token_ids for r in together[:1]] == plain[:1]
+    assert together[1].token_ids == plain[1]  # speculative == plain decoding, batched
+
+
+def test_sampled_requests_are_reproducible_with_their_seed_whatever_else_runs(engine):
+    prompts = [_ids(9 + i, 20 + i).tolist() for i in range(4)]
+    cfgs = [_cfg("fixed", temperature=1.0, seed=100 + i) for i in range(4)]
+    together = generate_batch(engine, prompts, cfgs)
+    for prompt, cfg, r in zip(prompts, cfgs, together):
+        assert generate_batch(engine, [prompt], [cfg])[0].token_ids == r.token_ids
+
+
+def test_requests_join_and_leave_between_steps_and_long_prompts_prefill_in_chunks(engine):
+    settings = BatchSettings(max_batch=4, prefill_chunk=16, max_rows=40)
+    batcher = Batcher(engine, settings)
+    short = batcher.admit(_ids(6, 1).tolist(), _cfg(max_new_tokens=8))
+    for _ in range(3):
+        batcher.step()
+    long_prompt = _ids(70, 2).tolist()  # 69 tokens to prefill: 5 chunks of at most 16
+    late = batcher.admit(long_prompt, _cfg())
+    steps_to_decode = 0
+    while not late.decoding:
+        batcher.step()
+        steps_to_decode += 1
+        assert batcher.last_rows <= settings.max_rows or steps_to_decode == 1
+    assert steps_to_decode == 5
+    while batcher.running:
+        batcher.step()
+    assert short.run.done and late.run.done
+    assert short.run.result().token_ids == generate_batch(engine, [_ids(6, 1).tolist()], [_cfg(max_new_tokens=8)])[0].token_ids
+    assert late.run.result().token_ids == generate_batch(engine, [long_prompt], [_cfg()], settings)[0].token_ids
+
+
+def test_admission_is_bounded_and_a_cancelled_request_frees_its_slot(engine):
+    batcher = Batcher(engine, BatchSettings(max_batch=2, max_kv_tokens=100))
+    a = batcher.admit([5, 6, 7], _cfg(max_new_tokens=20))
+    batcher.admit([5, 6, 8], _cfg(max_new_tokens=20))
+    assert not batcher.room_for(3, _cfg(max_new_tokens=20))
+    with pytest.raises(AdaspecError, match="no room: 2 of 2 sequences"):
+        batcher.admit([1, 2], _cfg())
+    batcher.step()
+    batcher.cancel(a)
+    assert batcher.room_for(3, _cfg(max_new_tokens=20))
+    assert not batcher.room_for(3, _cfg(max_new_tokens=90))  # 23 + 93 > 100 tokens
+    with pytest.raises(AdaspecError, match="max_batch must be an integer >= 1"):
+        Batcher(engine, BatchSettings(max_batch=0))
+
+
+def test_the_head_and_models_the_runtime_cannot_run_are_refused_with_the_way_out(engine):
+    from adaspec.drafters.head import DraftHead, HeadConfig, HeadDrafter
+    from adaspec.drafters.vocab import DraftVocab
+
+    with_head = Engine(engine.target, engine.drafter)
+    head = DraftHead(HeadConfig.for_target(engine.target.model, 32))
+    with_head.use_head(HeadDrafter(head, engine.target, DraftVocab(torch.arange(engine.target.vocab_size),
+                                                                   engine.target.vocab_size)))
+    with pytest.raises(AdaspecError, match="one request at a time.*--max-batch 1"):
+        Batcher(with_head).admit([1, 2, 3], _cfg("head"))
+    assert "cannot run on the batched runtime" in can_batch(Engine(tiny_model(seed=0)))
+    with pytest.raises(AdaspecError, match="--max-batch 1"):
+        Batcher(Engine(tiny_model(seed=0)))
+
+
+def test_load_aware_caps_shrink_speculation_as_the_batch_grows():
+    steep = lambda n: 1.0 + 0.25 * (n - 1)  # a forward's cost grows a quarter per row  # noqa: E731
+    alone = load_aware_caps([0.8], [8], steep, 0.05)
+    assert alone[0] >= 2
+    crowd = load_aware_caps([0.8] * 8, [8] * 8, steep, 0.05)
+    assert sum(crowd) < 8 * alone[0] and max(crowd) <= alone[0]
+    assert load_aware_caps([0.05] * 4, [8] * 4, steep, 0.05) == [0, 0, 0, 0]  # a drafter that is never right
+    flat = lambda n: 1.0  # noqa: E731
+    assert load_aware_caps([0.9, 0.2], [4, 4], flat, 0.0) == [4, 4]  # free rows and free drafts: draft all
