@@ -1,19 +1,26 @@
-"""Throughput and time to first token of a running `adaspec serve`, with 1..N concurrent clients.
+"""Throughput and time to first token of `adaspec serve`, with 1..N concurrent clients.
 
-    adaspec serve --quant int8 --threads 2 &          # loopback only
+    adaspec serve --threads 2 &          # loopback only
     python experiments/server_load.py --clients 1 4 --requests 4 --max-tokens 64
+    # or start the server(s) itself, one after another, and compare them in one run:
+    python experiments/server_load.py --clients 1 2 4 8 --serve "--threads 2 --max-batch 1" \
+        --serve "--threads 2 --max-batch 8"
 
 Each client sends streamed chat completions one after another; the script prints, per concurrency
-level, the time to first token (median, max), the mean request latency and the aggregate
-throughput (completion tokens of all requests / wall time). Requests are bounded in number and
-time and go to 127.0.0.1 only.
+level, the aggregate throughput (completion tokens of all requests / wall time), the mean
+per-client rate (a request's tokens / its latency), the time to first token (p50, p95) and the
+mean request latency. Requests are bounded in number and time and go to 127.0.0.1 only.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
+import socket
 import statistics
+import subprocess
+import sys
 import threading
 import time
 
@@ -63,8 +70,47 @@ def level(url: str, clients: int, requests: int, max_tokens: int, key: str | Non
     ttfts = [r["ttft"] for r in results if r["ttft"] is not None]
     return {"clients": clients, "requests": len(results), "wall_s": wall,
             "throughput_tok_s": sum(r["tokens"] for r in results) / wall,
-            "ttft_median_s": statistics.median(ttfts), "ttft_max_s": max(ttfts),
+            "per_client_tok_s": statistics.mean(r["tokens"] / r["latency"] for r in results),
+            "ttft_p50_s": statistics.median(ttfts), "ttft_p95_s": _quantile(ttfts, 0.95),
             "latency_mean_s": statistics.mean(r["latency"] for r in results)}
+
+
+def _quantile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))]
+
+
+def serve(args: str) -> tuple[subprocess.Popen, str]:
+    """Start `adaspec serve ARGS` on a free loopback port; wait until it answers /health."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "adaspec.cli", "serve", *shlex.split(args), "--host", "127.0.0.1",
+           "--port", str(port), "--log-level", "warning"]
+    proc = subprocess.Popen(cmd)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"the server exited with {proc.returncode}: {shlex.join(cmd)}")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    proc.terminate()
+    raise SystemExit("the server did not start within 600 s")
+
+
+def run_levels(url: str, a, label: str) -> None:
+    headers = {"Authorization": f"Bearer {a.api_key}"} if a.api_key else {}
+    MODEL[0] = httpx.get(f"{url}/v1/models", headers=headers).json()["data"][0]["id"]
+    level(url, 1, 1, 8, a.api_key)  # warm-up, discarded
+    for c in a.clients:
+        r = level(url, c, a.requests, a.max_tokens, a.api_key)
+        print(f"| {label} | {c} | {r['requests']} | {r['throughput_tok_s']:.1f} | {r['per_client_tok_s']:.1f} | "
+              f"{r['ttft_p50_s']:.2f} | {r['ttft_p95_s']:.2f} | {r['latency_mean_s']:.2f} |", flush=True)
 
 
 def main() -> None:
@@ -74,16 +120,21 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=4, help="requests per client")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--api-key", default=None)
+    ap.add_argument("--serve", action="append", default=None, metavar="ARGS",
+                    help="start `adaspec serve ARGS` itself (repeatable: each is run in turn) instead of --url")
     a = ap.parse_args()
-    headers = {"Authorization": f"Bearer {a.api_key}"} if a.api_key else {}
-    MODEL[0] = httpx.get(f"{a.url}/v1/models", headers=headers).json()["data"][0]["id"]
-    level(a.url, 1, 1, 8, a.api_key)  # warm-up, discarded
-    print("| clients | requests | throughput tok/s | TTFT median s | TTFT max s | latency mean s |")
-    print("|---|---|---|---|---|---|")
-    for c in a.clients:
-        r = level(a.url, c, a.requests, a.max_tokens, a.api_key)
-        print(f"| {c} | {r['requests']} | {r['throughput_tok_s']:.1f} | {r['ttft_median_s']:.2f} | "
-              f"{r['ttft_max_s']:.2f} | {r['latency_mean_s']:.2f} |", flush=True)
+    print("| server | clients | requests | aggregate tok/s | per-client tok/s | TTFT p50 s | TTFT p95 s | latency mean s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for args in a.serve or [None]:
+        if args is None:
+            run_levels(a.url, a, a.url)
+            continue
+        proc, url = serve(args)
+        try:
+            run_levels(url, a, args)
+        finally:
+            proc.terminate()
+            proc.wait(60)
 
 
 if __name__ == "__main__":

@@ -52,6 +52,13 @@ def test_the_tap_holds_the_final_hidden_state_by_position_through_rollback():
     with pytest.raises(ValueError, match="cache holds 75"):
         features.features(0, 76)
     assert tap(adapter) is tap(adapter)
+    adapter.reset()
+    adapter.absorb(ids[:80])  # a prefill without logits still records every position
+    with torch.no_grad():
+        ref = model.model(input_ids=ids[None, :80]).last_hidden_state[0]
+    torch.testing.assert_close(features.features(0, 80), ref, rtol=1e-4, atol=1e-4)
+    model(input_ids=ids[None, :5])  # another caller of the same model leaves the rows alone
+    torch.testing.assert_close(features.features(0, 5), ref[:5], rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("method", ["head", "multi-draft"])
@@ -61,7 +68,7 @@ def test_greedy_output_equals_plain_decoding(method, quant):
     if quant:
         quantize_adapter(target, quant)
     engine = Engine(target)
-    engine.use_head(HeadDrafter(_head(target), target, _vocab(target, 150)))
+    engine.use_head(HeadDrafter(_head(target), target, _vocab(target, 150)), pool=True)
     for seed in (1, 2):
         prompt = _ids(20 + 60 * seed, seed).tolist()  # one short prompt, one prefilled
         ar = engine.generate(prompt, method="ar", max_new_tokens=40, ignore_eos=True)
@@ -136,6 +143,7 @@ def test_train_head_trains_resumes_and_its_head_keeps_output_identical(tmp_path,
     assert "resumed at step 5" in printed.out + printed.err
     curve = [line for line in (tmp_path / "head.work" / "curve.jsonl").read_text().splitlines()]
     assert len(curve) == 12
+    assert (tmp_path / "head.work" / "curve.png").stat().st_size > 1000
     stored = HeadFile.load(out)
     assert stored.info["steps"] == 12 and stored.info["held_out_top1"]
     engine = Engine(tiny_model(seed=0, dtype=torch.float32))
@@ -162,3 +170,24 @@ def test_training_learns_the_targets_next_token(tmp_path):
     trained = training.train(target, rows, vocab, tmp_path / "w1", settings, "tiny")
     before, after = untrained.info["held_out_top1"][0]["top1"], trained.info["held_out_top1"][0]["top1"]
     assert after > before + 0.2, (before, after)
+
+
+def test_the_shipped_head_is_whole_small_and_for_the_default_target():
+    from adaspec.api import DEFAULT_TARGET, SHIPPED_HEADS, shipped_head
+
+    path = shipped_head(DEFAULT_TARGET)  # checks the file against its recorded sha256
+    assert path is not None and path.stat().st_size <= 50 * 1024 * 1024
+    stored = HeadFile.load(path)
+    assert stored.target == DEFAULT_TARGET and stored.vocab.vocab_size == 151936
+    assert stored.info["steps"] > 0 and stored.info["held_out_top1"]
+    assert SHIPPED_HEADS[DEFAULT_TARGET][0] == path.name
+    assert shipped_head("tiny") is None
+
+
+def test_a_damaged_shipped_head_is_refused_with_the_way_out(monkeypatch):
+    from adaspec import api
+
+    name, _ = api.SHIPPED_HEADS[api.DEFAULT_TARGET]
+    monkeypatch.setitem(api.SHIPPED_HEADS, api.DEFAULT_TARGET, (name, "0" * 64))
+    with pytest.raises(AdaspecError, match="missing or damaged: reinstall adaspec, or pass head=False"):
+        api.shipped_head(api.DEFAULT_TARGET)

@@ -46,7 +46,11 @@ DEFAULT_METHOD = "multi-draft-calibrated"
 # Calibration profiles shipped with the package: (target, drafter, quant) -> file in calibration/profiles.
 SHIPPED_PROFILES = {(DEFAULT_TARGET, DEFAULT_DRAFTER, "int8"): "qwen2.5-coder-int8.json"}
 # Draft heads shipped with the package (drafters/heads/): target preset -> (file, sha256 of the file).
-SHIPPED_HEADS: dict[str, tuple[str, str]] = {}
+# Trained by `adaspec train-head` (docs/method.md, "Draft head"; curve in docs/results/draft-head).
+SHIPPED_HEADS: dict[str, tuple[str, str]] = {
+    DEFAULT_TARGET: ("qwen2.5-coder-1.5b-head.safetensors",
+                     "0bfd41e0056df008d352859e1b1441c9b9b2ef099ec2475562bc482f96a469aa"),
+}
 
 
 def resolve_quant(quant: str | None, source, *, device: str = "cpu", dtype: torch.dtype = torch.float32) -> str | None:
@@ -259,14 +263,17 @@ class Engine:
             p = dataclasses.replace(p, cost=here)
         self.profile = p
 
-    def use_head(self, head: HeadDrafter | str | Path) -> None:
+    def use_head(self, head: HeadDrafter | str | Path, *, pool: bool = False) -> None:
         """Draft with this head (a HeadDrafter, or the path of a head file for this target): method
-        ``head``, and one more drafter in the pool methods, priced by its cost measured here."""
+        ``head``; pool=True also makes it one more drafter of the pool methods, priced by its cost
+        measured here. Off by default: with the shipped head the pool was slower than without it
+        (docs/results/spec-bench-head)."""
         if not isinstance(head, HeadDrafter):
             head = load_head_drafter(head, self.target, self.target_name)
         self.head = head
         self.extra_drafters = [(d, c) for d, c in self.extra_drafters if not isinstance(d, HeadDrafter)]
-        self.extra_drafters.append((head, head.relative_cost()))
+        if pool:
+            self.extra_drafters.append((head, head.relative_cost()))
 
     def encode(self, prompt: str | list[int] | list[dict], *, chat: bool | None = None) -> list[int]:
         """Prompt ids from text (chat template applied unless chat=False), token ids or chat messages."""

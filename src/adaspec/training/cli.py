@@ -74,4 +74,6 @@ def cmd_train_head(args: argparse.Namespace) -> int:
     head = training.train(target, rows, vocab, work, settings, args.target, log=tqdm.write)
     sha = head.save(out)
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, sha256 {sha})")
+    if training.plot_curve(work, work / "curve.png"):
+        print(f"learning curve: {work / 'curve.png'}")
     return 0

@@ -390,3 +390,34 @@ def curve_points(folder: Path) -> Iterator[dict]:
     if path.is_file():
         for line in path.read_text().splitlines():
             yield json.loads(line)
+
+
+def plot_curve(folder: Path, out: Path) -> bool:
+    """The learning curve as a PNG: held-out top-1 agreement with the target per pass, and the
+    training loss, against tokens seen. False when matplotlib is missing (the `bench` extra)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    points = list(curve_points(folder))
+    if not points:
+        return False
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    tokens = [p["tokens"] / 1e6 for p in points]
+    left.plot(tokens, [p["loss"] for p in points], color="0.6", linewidth=0.6)
+    left.set(xlabel="training tokens seen (millions)", ylabel="training loss", title="loss")
+    evals = [p for p in points if "held_out" in p]
+    for i, colour in zip(range(len(evals[0]["held_out"]) if evals else 0), ("tab:blue", "tab:orange", "tab:green")):
+        right.plot([p["tokens"] / 1e6 for p in evals], [p["held_out"][i]["top1"] for p in evals], marker="o",
+                   color=colour, label=f"pass {i + 1} (draft token {i + 1})")
+    right.set(xlabel="training tokens seen (millions)", ylabel="top-1 agreement with the target",
+              title="held-out sequences")
+    right.legend(loc="lower right")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return True
