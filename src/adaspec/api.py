@@ -266,8 +266,8 @@ class Engine:
     def use_head(self, head: HeadDrafter | str | Path, *, pool: bool = False) -> None:
         """Draft with this head (a HeadDrafter, or the path of a head file for this target): method
         ``head``; pool=True also makes it one more drafter of the pool methods, priced by its cost
-        measured here. Off by default: with the shipped head the pool was slower than without it
-        (docs/results/spec-bench-head)."""
+        measured here. Off by default: the shipped head did not help the pool in any run
+        (docs/method.md, "Draft head")."""
         if not isinstance(head, HeadDrafter):
             head = load_head_drafter(head, self.target, self.target_name)
         self.head = head
