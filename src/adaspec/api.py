@@ -322,14 +322,18 @@ class Engine:
             return "ngram"
         return DEFAULT_METHOD if self.profile is not None else "cmasd"
 
+    def stop_strings(self, cfg: GenerationConfig) -> StopStrings | None:
+        """The stop-string matcher of a request, None without stop strings."""
+        if cfg.stop and self.tokenizer is None:
+            raise AdaspecError("stop strings need a tokenizer: this engine has none")
+        return StopStrings(self.tokenizer, cfg.stop) if cfg.stop else None
+
     def stream(self, prompt, *, method: str | None = None, chat: bool | None = None, **options) -> "Stream":
         """Generate incrementally: iterate the returned Stream for text (or id) chunks; then read .result.
         method=None: ``default_method``."""
         cfg = make_config(method or self.default_method, **options)
         ids = self.encode(prompt, chat=chat)
-        if cfg.stop and self.tokenizer is None:
-            raise AdaspecError("stop strings need a tokenizer: this engine has none")
-        stop = StopStrings(self.tokenizer, cfg.stop) if cfg.stop else None
+        stop = self.stop_strings(cfg)
         return Stream(speculative_generate(self.target, self.prepare(cfg), ids, cfg, stop=stop),
                       self.tokenizer, cfg.stop)
 

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 
 from adaspec.config import AdaspecError, GenerationConfig
 from adaspec.decode import Decoding
-from adaspec.drafters.pool import MODEL_PRIOR, PRIOR_WEIGHT
+from adaspec.drafters.pool import MODEL_PRIOR, PRIOR_WEIGHT, Acceptance
 from adaspec.models.fast import FastDecoder, SlotView, supports
 from adaspec.policies.cost import FALLBACK_DRAFTER, cost_table, fallback_target_cost
 from adaspec.records import Draft
@@ -183,10 +183,6 @@ class Batcher:
             s.prefilled += n
             if s.decoding:
                 s.run.prefilled()
-        for s in self.running:
-            if s.done and s not in touched:
-                s.new = []
-                touched.append(s)
         self.running = [s for s in self.running if not s.done]
         return touched
 
@@ -211,9 +207,9 @@ class Batcher:
 
 
 def _acceptance(run: Decoding) -> float:
-    """Per-token acceptance of one sequence so far: a Beta posterior (the drafter pool's prior)."""
+    """Per-token acceptance of one sequence so far: the drafter pool's Beta posterior and prior."""
     s = run.ledger.stats
-    return (PRIOR_WEIGHT * MODEL_PRIOR + s.accepted) / (PRIOR_WEIGHT + s.accepted + s.rollbacks)
+    return Acceptance(MODEL_PRIOR, PRIOR_WEIGHT, accepted=s.accepted, rejected=s.rollbacks).mean
 
 
 def load_aware_caps(rates: list[float], limits: list[int], target_ms: Callable[[int], float], drafter_ms: float,
@@ -252,16 +248,15 @@ def generate_batch(engine, prompts: list[list[int]], cfgs: list[GenerationConfig
     """Run several requests to completion together (admitted as room allows); their Results in order."""
     batcher = Batcher(engine, settings)
     pending = list(enumerate(zip(prompts, cfgs)))
-    seqs: dict[int, Sequence] = {}
+    index: dict[Sequence, int] = {}  # by identity (Sequence has eq=False)
     results: dict[int, object] = {}
     while pending or batcher.running:
         while pending and batcher.room_for(len(pending[0][1][0]), pending[0][1][1]):
             i, (ids, cfg) = pending.pop(0)
-            seqs[i] = batcher.admit(ids, cfg)
+            index[batcher.admit(ids, cfg)] = i
         if not batcher.running:
             raise AdaspecError("a request does not fit the batch limits (max_kv_tokens)")
         for s in batcher.step():
             if s.done:
-                i = next(j for j, t in seqs.items() if t is s)
-                results[i] = s.run.result()
+                results[index[s]] = s.run.result()
     return [results[i] for i in range(len(prompts))]

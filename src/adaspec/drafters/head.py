@@ -28,6 +28,7 @@ Training: training/head.py (`adaspec train-head`), docs/method.md ("Draft head")
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import time
@@ -252,6 +253,15 @@ class HeadFile:
 
 
 def file_sha256(path: str | Path) -> str:
+    """The file's sha256, hashed once per version of the file (a loaded shipped head is checked
+    against its recorded hash, then its hash is recorded by the drafter: one read, not two)."""
+    path = Path(path).resolve()
+    st = path.stat()
+    return _sha256(str(path), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -326,20 +336,11 @@ class HeadDrafter:
     def relative_cost(self, repeats: int = 5) -> float:
         """Cost of one drafted token as a fraction of a one-token target forward, measured here (median
         of `repeats`, after a 32-token context), for the drafter pool's prices. Leaves both caches empty."""
+        from adaspec.calibration.cost import forward_cost
+
         t, context = self.target, torch.arange(32) % self.vocab_size
-
-        def median_ms(run) -> float:
-            run()  # warm-up
-            times = []
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                run()
-                times.append(time.perf_counter() - t0)
-            return sorted(times)[len(times) // 2]
-
-        t.reset()
+        target_ms = forward_cost(t, 31, (1,), repeats)[1]  # the calibration's own measurement
         t.extend(context[:-1])
-        target_s = median_ms(lambda: (t.extend(context[-1:]), t.rollback(31)))
         self.cache.length = 0
         g = self._run(self.tap.features(0, 31), context[1:32])[-1]
 
@@ -349,11 +350,17 @@ class HeadDrafter:
             self._run(g[None], context[:1])
             self.cache.length = 31
 
-        head_s = median_ms(step)
+        step()  # warm-up
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t0)
+        head_ms = 1e3 * sorted(times)[len(times) // 2]
         t.reset()
         self.cache.length = self.real = 0
         self.forwards = 0
-        return head_s / target_s
+        return head_ms / target_ms
 
     def commit(self, valid_len: int) -> None:
         # entries past `real` were drafted from the head's own features; entry j needs token j+1
@@ -371,16 +378,15 @@ def _int8(module: nn.Module) -> nn.Module:
     proposals, so the speed is free (models/quant.py, DynamicInt8Linear)."""
     import copy
 
-    from adaspec.models.quant import DynamicInt8Linear, Int8Linear
+    from adaspec.models.quant import DynamicInt8Linear, Int8Linear, replace_linears
+
+    def one_call(linear: nn.Linear) -> nn.Module:
+        return DynamicInt8Linear(Int8Linear.from_float(linear))
 
     module = copy.deepcopy(module).eval()
     if isinstance(module, nn.Linear):
-        return DynamicInt8Linear(Int8Linear.from_float(module))
-    for name, child in list(module.named_modules()):
-        if type(child) is nn.Linear:
-            parent, _, attr = name.rpartition(".")
-            setattr(module.get_submodule(parent) if parent else module, attr,
-                    DynamicInt8Linear(Int8Linear.from_float(child)))
+        return one_call(module)
+    replace_linears(module, one_call)
     return module
 
 

@@ -203,15 +203,20 @@ def quantize_adapter(adapter: ModelAdapter, mode: str, *, lm_head: bool = True, 
 
         apply_gguf(model, gguf)
     skip = set() if lm_head else set(_head_names(model, adapter.vocab_size))
-    # names, not modules: each float Linear is freed as soon as it is swapped out. Exact type:
-    # subclasses of nn.Linear may have callers that read their .weight
-    names = [n for n, m in model.named_modules() if type(m) is nn.Linear and n not in skip]
-    for name in names:
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, Int8Linear.from_float(model.get_submodule(name)))
+    replace_linears(model, Int8Linear.from_float, skip=skip)
     _use_row_attention(model)
     adapter.reset()  # any cached keys and values came from the float weights
     return adapter
+
+
+def replace_linears(model: nn.Module, make, *, skip: set[str] = frozenset()) -> None:
+    """Replace every nn.Linear of `model` (exact type: subclasses may have callers that read their
+    .weight) whose name is not in `skip` by make(linear). By name, not by module: each float Linear
+    is freed as soon as it is swapped out."""
+    names = [n for n, m in model.named_modules() if type(m) is nn.Linear and n not in skip]
+    for name in names:
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, make(model.get_submodule(name)))
 
 
 def is_quantized(adapter: ModelAdapter) -> bool:

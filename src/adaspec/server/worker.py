@@ -209,13 +209,8 @@ class BatchWorker(Worker):
                 if not self.batcher.room_for(len(job.ids), cfg):
                     return
                 self._jobs.popleft()
-            stop = None
-            if cfg.stop:
-                from adaspec.stopping import StopStrings
-
-                stop = StopStrings(self.engine.tokenizer, cfg.stop)
             try:
-                seq = self.batcher.admit(job.ids, cfg, stop)
+                seq = self.batcher.admit(job.ids, cfg, self.engine.stop_strings(cfg))
             except AdaspecError as e:
                 self.metrics.generations.labels("error").inc()
                 job.post("error", APIError(400, str(e)))
