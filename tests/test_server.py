@@ -631,3 +631,16 @@ def test_the_openapi_schema_says_what_the_server_does(server):
     # and the server does what it says
     assert_error(server.post("/v1/completions", {"prompt": [], "max_tokens": 2}), 400, param="prompt")
     assert_error(server.post("/v1/chat/completions", {"messages": [{"role": "tool", "content": "x"}]}), 400)
+
+
+def test_serve_ray_without_ray_says_how_to_install_it(monkeypatch, capsys):
+    from adaspec.cli import main
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ModuleNotFoundError, installed or not
+    monkeypatch.delitem(sys.modules, "adaspec.server.ray_serve", raising=False)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    assert main(["serve", "--ray", "--target", "tiny", "--drafter", "tiny-draft", "--port", str(port)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == 'adaspec: error: --ray needs Ray Serve: pip install -e ".[ray]"'

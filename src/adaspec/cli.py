@@ -118,9 +118,17 @@ def load_engine(a: argparse.Namespace, *, need_drafter: bool = True):
         if a.threads < 1:
             raise AdaspecError(f"--threads must be at least 1, got {a.threads}")
         torch.set_num_threads(a.threads)
+    options = load_options(a)
+    dtype = _torch_dtype(options.pop("dtype"))
+    return load(**options, dtype=dtype)
+
+
+def load_options(a: argparse.Namespace) -> dict:
+    """adaspec.load's keywords from the model flags, dtype by name (plain values: they travel to Ray
+    Serve replicas, server/ray_serve.py)."""
     drafter = None if getattr(a, "drafter", "none") in (None, "none") else a.drafter
     profile = getattr(a, "profile", None)
-    return load(a.target, drafter, dtype=_torch_dtype(a.dtype), device=a.device, quant=a.quant,
+    return dict(target=a.target, drafter=drafter, dtype=a.dtype, device=a.device, quant=a.quant,
                 chat=not getattr(a, "raw", False), profile=False if profile == "none" else profile,
                 drafter_runtime=getattr(a, "drafter_runtime", "auto"), early_exit=getattr(a, "early_exit", None),
                 draft_vocab=getattr(a, "draft_vocab", None), head=_head_arg(getattr(a, "head", None)))

@@ -28,6 +28,7 @@ import logging
 import math
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -429,8 +430,13 @@ def _openapi(app: FastAPI) -> dict:
     return app.openapi_schema
 
 
-def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAPI:
-    """The FastAPI app serving `engine`, which it then owns: nothing else may generate with it."""
+def create_app(engine: Engine, settings: ServerSettings | None = None, *,
+               render_metrics: Callable[[Metrics], Awaitable[bytes]] | None = None) -> FastAPI:
+    """The FastAPI app serving `engine`, which it then owns: nothing else may generate with it.
+
+    render_metrics: what GET /metrics answers, from this app's Metrics (default: their text); a Ray
+    Serve replica answers every replica's, labelled by replica (server/ray_serve.py).
+    """
     service = Service(engine, settings or ServerSettings())
     app = FastAPI(title="adaspec", summary="OpenAI-compatible API with adaptive speculative decoding",
                   lifespan=service.lifespan)
@@ -454,7 +460,8 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        return Response(service.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+        text = await render_metrics(service.metrics) if render_metrics else service.metrics.render()
+        return Response(text, media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/v1/completions", responses=GENERATION_RESPONSES)
     async def completions(body: CompletionRequest, request: Request) -> Response:

@@ -41,6 +41,21 @@ def register(subparsers) -> None:
     s.add_argument("--prefill-chunk", type=int, default=256,
                    help="prompt tokens prefilled per request and step while others decode (default 256)")
     s.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    r = p.add_argument_group("Ray Serve (docs/scaling.md; needs `pip install -e \".[ray]\"`)")
+    r.add_argument("--ray", action="store_true",
+                   help="serve replicas of the engine behind Ray Serve's HTTP proxy on --host:--port, each "
+                        "running this same server")
+    r.add_argument("--replicas", type=int, default=2, help="number of replicas (default 2)")
+    r.add_argument("--min-replicas", type=int, default=None,
+                   help="autoscale between --min-replicas (default 1) and --max-replicas on the requests "
+                        "each replica holds (target: --max-batch per replica)")
+    r.add_argument("--max-replicas", type=int, default=None, help="upper bound of autoscaling (turns it on)")
+    r.add_argument("--cpus-per-replica", type=int, default=None,
+                   help="CPUs Ray reserves for each replica, which are its torch threads, pinned to its own "
+                        "cores (default: --threads, else 1)")
+    r.add_argument("--ray-address", default=None,
+                   help="join this Ray cluster (`auto`: the one started with `ray start` on this node); "
+                        "default: start one on this machine, stopped at exit")
     p.set_defaults(func=cmd_serve)
 
 
@@ -58,10 +73,29 @@ def cmd_serve(a: argparse.Namespace) -> int:
     if not settings.api_key and not _is_loopback(a.host):
         print(f"adaspec: warning: serving on {a.host} without an API key: anyone who can reach it can use it",
               file=sys.stderr)
+    if a.ray:
+        return cmd_serve_ray(a, settings)
     app = create_app(load_engine(a), settings)
     # uvicorn lets open requests finish for up to one request's time limit, then the app cancels the rest
     uvicorn.run(app, host=a.host, port=a.port, log_level=a.log_level,
                 timeout_graceful_shutdown=int(a.request_timeout) + 1 if a.request_timeout else None)
+    return 0
+
+
+def cmd_serve_ray(a: argparse.Namespace, settings) -> int:
+    """`adaspec serve --ray`: the same server, replicated on Ray Serve (server/ray_serve.py)."""
+    try:
+        from adaspec.server import ray_serve
+    except ModuleNotFoundError as e:
+        if e.name is None or not e.name.startswith("ray"):
+            raise
+        raise AdaspecError('--ray needs Ray Serve: pip install -e ".[ray]"') from None
+    from adaspec.cli import load_options
+
+    cpus = a.cpus_per_replica if a.cpus_per_replica is not None else (a.threads or 1)
+    cfg = ray_serve.RayConfig(load_options(a), replicas=a.replicas, min_replicas=a.min_replicas,
+                              max_replicas=a.max_replicas, cpus_per_replica=cpus).validate()
+    ray_serve.serve_forever(cfg, settings, a.host, a.port, a.ray_address)
     return 0
 
 

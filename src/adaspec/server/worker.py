@@ -75,6 +75,10 @@ class Worker:
     def depth(self) -> int:
         return len(self._jobs)
 
+    def alive(self) -> bool:
+        """Whether the thread still runs generations (a replica's health check, server/ray_serve.py)."""
+        return self._thread.is_alive()
+
     def running(self) -> list[Job]:
         """The jobs generating now."""
         return [self.current] if self.current is not None else []
