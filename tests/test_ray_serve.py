@@ -267,3 +267,12 @@ def _safe(fn, *args):
         return fn(*args)
     except Exception as e:
         return e
+
+
+def test_the_serve_run_builder_refuses_unknown_arguments():
+    from adaspec.server.ray_serve import app_builder
+
+    with pytest.raises(AdaspecError, match=r"unknown arguments \['replica'\]"):
+        app_builder({"target": "tiny", "drafter": "tiny-draft", "replica": "2"})
+    with pytest.raises(AdaspecError, match="replicas must be an integer >= 1"):
+        app_builder({"target": "tiny", "replicas": "0"})
