@@ -68,7 +68,8 @@ def test_greedy_output_equals_plain_decoding(method, quant):
     if quant:
         quantize_adapter(target, quant)
     engine = Engine(target)
-    engine.use_head(HeadDrafter(_head(target), target, _vocab(target, 150)), pool=True)
+    # priced, not timed: a measured price on a loaded machine could keep the pool off the head
+    engine.use_head(HeadDrafter(_head(target), target, _vocab(target, 150)), pool=True, cost=0.05)
     for seed in (1, 2):
         prompt = _ids(20 + 60 * seed, seed).tolist()  # one short prompt, one prefilled
         ar = engine.generate(prompt, method="ar", max_new_tokens=40, ignore_eos=True)
@@ -191,3 +192,10 @@ def test_a_damaged_shipped_head_is_refused_with_the_way_out(monkeypatch):
     monkeypatch.setitem(api.SHIPPED_HEADS, api.DEFAULT_TARGET, (name, "0" * 64))
     with pytest.raises(AdaspecError, match="missing or damaged: reinstall adaspec, or pass head=False"):
         api.shipped_head(api.DEFAULT_TARGET)
+
+
+def test_a_head_priced_at_zero_or_less_is_refused():
+    target = HFAdapter(_model("qwen2", 0), "t")
+    engine = Engine(target)
+    with pytest.raises(AdaspecError, match="positive fraction"):
+        engine.use_head(HeadDrafter(_head(target), target, _vocab(target, 150)), pool=True, cost=0)

@@ -638,6 +638,9 @@ def test_serve_ray_without_ray_says_how_to_install_it(monkeypatch, capsys):
 
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ModuleNotFoundError, installed or not
     monkeypatch.delitem(sys.modules, "adaspec.server.ray_serve", raising=False)
+    import adaspec.server  # an earlier import of ray_serve also left it as the package's attribute
+
+    monkeypatch.delattr(adaspec.server, "ray_serve", raising=False)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

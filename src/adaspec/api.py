@@ -263,17 +263,19 @@ class Engine:
             p = dataclasses.replace(p, cost=here)
         self.profile = p
 
-    def use_head(self, head: HeadDrafter | str | Path, *, pool: bool = False) -> None:
+    def use_head(self, head: HeadDrafter | str | Path, *, pool: bool = False, cost: float | None = None) -> None:
         """Draft with this head (a HeadDrafter, or the path of a head file for this target): method
         ``head``; pool=True also makes it one more drafter of the pool methods, priced by its cost
-        measured here. Off by default: the shipped head did not help the pool in any run
-        (docs/method.md, "Draft head")."""
+        measured here, or by `cost` (a drafted token as a fraction of a target forward) when given.
+        Off by default: the shipped head did not help the pool in any run (docs/method.md, "Draft head")."""
+        if cost is not None and not cost > 0:
+            raise AdaspecError(f"a head's cost is a positive fraction of a target forward, got {cost!r}")
         if not isinstance(head, HeadDrafter):
             head = load_head_drafter(head, self.target, self.target_name)
         self.head = head
         self.extra_drafters = [(d, c) for d, c in self.extra_drafters if not isinstance(d, HeadDrafter)]
         if pool:
-            self.extra_drafters.append((head, head.relative_cost()))
+            self.extra_drafters.append((head, head.relative_cost() if cost is None else float(cost)))
 
     def encode(self, prompt: str | list[int] | list[dict], *, chat: bool | None = None) -> list[int]:
         """Prompt ids from text (chat template applied unless chat=False), token ids or chat messages."""
