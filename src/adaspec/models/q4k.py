@@ -1,5 +1,5 @@
-"""Linear layers that compute with a GGUF file's own Q4_K weights (work in progress: not yet wired
-into a model; docs/runtime.md says what is measured and what is missing).
+"""Linear layers that compute with a GGUF file's own Q4_K weights (`--quant q4k`; docs/runtime.md
+has the measurements).
 
 Why: decoding on a CPU reads every weight once per forward, so bytes per weight set the floor of a
 step. ggml's Q4_K stores 256 weights in 144 bytes (4.5 bits each); the int8 path reads 8 bits per
@@ -14,13 +14,14 @@ sc_j and mins m_j, and two fp16 super-block factors d and dmin:
 `unpack_q4k` maps the GGUF bytes onto (qs, sc, mn, d, dm) without re-quantising anything: the
 dequantised weights are exactly ggml's (tests compare with the gguf package's dequantiser).
 
-The kernel (kernels/q4k.cpp, built on first use with the machine's C++ compiler): activations are
-quantised to int8 per row and per 256-block (symmetric, round to nearest even), each sub-block's
-integer dot product is exact in int32 (AVX-512 VNNI `vpdpbusd`: unsigned 4-bit weights times signed
-int8 activations), scaled by sc_j, and the blocks are summed in float in a fixed order. A row's
-result depends on that row alone and is computed by the same instructions however many rows a
-forward holds, so a k-row forward is bit-identical to k one-row forwards: the property lossless
-speculation rests on. CPUs without AVX-512 VNNI run a portable loop with the same integer sums.
+The kernel (kernels/q4k.cpp, built on first use with the machine's C++ compiler and OpenMP):
+activations are quantised to int8 per row and per 256-block (symmetric, round to nearest even);
+per block, the sub-blocks' integer dot products (AVX-512 VNNI `vpdpbusd`: unsigned 4-bit weights
+times signed int8 activations) times their scales, and the mins times the activations' sub-block
+sums, are exact int32 sums; two fmas per output and block add them in float in a fixed order. A
+row's result depends on that row alone and is computed by the same instructions however many rows
+a forward holds, so a k-row forward is bit-identical to k one-row forwards: the property lossless
+speculation rests on. CPUs without AVX-512 VNNI run a portable loop that gives the same results.
 """
 
 from __future__ import annotations
@@ -33,7 +34,6 @@ import torch
 
 QK = 256
 BLOCK_BYTES = 144  # ggml block_q4_K: d, dmin (fp16), scales[12], qs[128]
-MAX_ROWS = 16  # rows per kernel call; longer forwards (prefill) run in chunks, each row independent
 
 
 @cache
@@ -42,7 +42,10 @@ def kernel():
     from torch.utils.cpp_extension import load
 
     src = Path(__file__).with_name("kernels") / "q4k.cpp"
-    return load(name="adaspec_q4k", sources=[str(src)], extra_cflags=["-O3"], verbose=False)
+    # -fopenmp: at::parallel_for is inline OpenMP in the extension's own code; without the flag it runs
+    # on one thread. The OpenMP runtime is the one torch has already loaded (the same libgomp.so.1).
+    return load(name="adaspec_q4k", sources=[str(src)], extra_cflags=["-O3", "-fopenmp"],
+                extra_ldflags=["-fopenmp"], verbose=False)
 
 
 def unpack_q4k(raw: np.ndarray) -> dict[str, torch.Tensor]:
@@ -96,34 +99,57 @@ def pack_tiles(w: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     def by16(x: torch.Tensor) -> torch.Tensor:
         return x.reshape(n // 16, 16, -1).transpose(1, 2).contiguous()
 
-    return {"w4": w4, **{name: by16(w[name]) for name in ("sc", "mn", "d", "dm")}}
+    # mins: per tile and 256-block, pairs of sub-blocks (2p, 2p + 1) side by side per output
+    mn = w["mn"].reshape(n // 16, 16, k // QK, 4, 2).permute(0, 2, 3, 1, 4).reshape(n // 16, k // QK, 128)
+    return {"w4": w4, "mn": mn.contiguous(), **{name: by16(w[name]) for name in ("sc", "d", "dm")}}
 
 
 class Q4KLinear(torch.nn.Module):
     """y = x W^T (+ bias) with W held as Q4_K; x (..., K) float32 -> (..., N) float32."""
 
-    def __init__(self, weights: dict[str, torch.Tensor], bias: torch.Tensor | None = None, *,
-                 kernel_name: str = "auto"):
-        """weights: `unpack_q4k`'s tensors of one matrix."""
+    def __init__(self, weights: dict[str, torch.Tensor] | None, bias: torch.Tensor | None = None, *,
+                 kernel_name: str = "auto", packed: dict[str, torch.Tensor] | None = None):
+        """weights: `unpack_q4k`'s tensors of one matrix (or packed: `pack_tiles`' of one already)."""
         super().__init__()
-        self.out_features = weights["qs"].shape[0]
-        self.in_features = weights["qs"].shape[1] * 2
-        for name, t in pack_tiles(weights).items():
+        packed = pack_tiles(weights) if packed is None else packed
+        self.out_features = packed["w4"].shape[0] * 16
+        self.in_features = packed["w4"].shape[1] * 8
+        for name, t in packed.items():
             self.register_buffer(name, t)
         self.bias = bias
         self.kernel_name = kernel_name
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features).float().contiguous()
-        run = kernel().linear
-        if rows.shape[0] <= MAX_ROWS:
-            out = run(rows, self.w4, self.sc, self.mn, self.d, self.dm, self.kernel_name)
-        else:  # each row is independent, so chunks give the same rows as one call would
-            out = torch.cat([run(rows[i:i + MAX_ROWS].contiguous(), self.w4, self.sc, self.mn, self.d, self.dm,
-                                 self.kernel_name) for i in range(0, rows.shape[0], MAX_ROWS)])
+        out = kernel().linear(rows, self.w4, self.sc, self.mn, self.d, self.dm, self.kernel_name)
         if self.bias is not None:
             out = out + self.bias
         return out.reshape(*x.shape[:-1], self.out_features)
+
+
+def fuse_q4k(linears: list[Q4KLinear]) -> Q4KLinear:
+    """One Q4KLinear computing several that read the same input (q, k, v; gate, up), their outputs
+    side by side: tiles of 16 outputs are independent, so each output is bit-identical to its own
+    layer's, and a forward makes one kernel call (one pass over the activations, one thread
+    fork) instead of several."""
+    if len({m.in_features for m in linears}) != 1 or len({m.kernel_name for m in linears}) != 1:
+        raise ValueError("fused Q4_K layers must read the same input with the same kernel")
+    done = getattr(linears[0], "fused", None)  # a second runtime over the same model (batched serving)
+    if done is not None and done[0] == [id(m) for m in linears]:
+        return done[1]
+    packed = {name: torch.cat([getattr(m, name) for m in linears]) for name in ("w4", "sc", "mn", "d", "dm")}
+    bias = None
+    if any(m.bias is not None for m in linears):
+        bias = torch.cat([m.bias if m.bias is not None else torch.zeros(m.out_features) for m in linears])
+    start = 0  # each layer keeps working, on its slice of the fused weights (no second copy in memory)
+    for m in linears:
+        tiles = m.out_features // 16
+        for name, t in packed.items():
+            setattr(m, name, t[start:start + tiles])
+        start += tiles
+    fused = Q4KLinear(None, bias, kernel_name=linears[0].kernel_name, packed=packed)
+    linears[0].fused = ([id(m) for m in linears], fused)
+    return fused
 
 
 # GGUF tensor names of a Llama-family block -> the transformers module that holds that weight

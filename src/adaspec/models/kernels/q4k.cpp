@@ -5,9 +5,19 @@
 // Weights in tiles of 16 outputs (t) x 8 inputs (g), 64 bytes each: byte 4*o + i holds
 //   q[16t + o, 8g + i] in its low nibble and q[16t + o, 8g + 4 + i] in its high nibble,
 // so one 64-byte load gives two vpdpbusd operands whose lane o sums 4 inputs of output 16t + o.
-//   w4 [N/16, K/8, 64] uint8;  sc, mn [N/16, K/32, 16] uint8 (6-bit);  d, dm [N/16, K/256, 16] float
+//   w4 [N/16, K/8, 64] uint8
+//   sc [N/16, K/32, 16] uint8 (6-bit scale of each sub-block of 32 inputs, by output)
+//   mn [N/16, K/256, 4, 16, 2] uint8 (6-bit mins, sub-blocks 2p and 2p+1 side by side per output)
+//   d, dm [N/16, K/256, 16] float
 //   W[n, k] = d[n, k/256] * sc[n, k/32] * q[n, k] - dm[n, k/256] * mn[n, k/32]
 // Activations are quantised per row and per 256-block to int8 (symmetric, round to nearest even).
+//
+// Per row, output and 256-block b, everything up to two float conversions is an exact integer:
+//   I = sum_j sc_j * (sum_i q_i x_i)   |I| <= 8 * 63 * 32 * 15 * 127 < 2^31
+//   M = sum_j mn_j * (sum_i x_i)       |M| <= 8 * 63 * 32 * 127
+//   y += (d * a) * float(I);  y -= (dm * a) * float(M)     (a: the block's activation scale; two fmas)
+// so the sub-block scales cost one integer multiply-add per sub-block instead of float work, and
+// the mins one vpdpwssd per pair of sub-blocks.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -22,37 +32,73 @@
 namespace {
 
 constexpr int QK = 256;
-constexpr int MAXR = 16;
 
 struct Acts {
   std::vector<int8_t> q;   // [R, K] natural order
   std::vector<float> d;    // [R, K/256] activation scale of each block
-  std::vector<float> s;    // [R, K/32] sum of the quantised values of each sub-block (exact in float)
+  std::vector<int32_t> s;  // [R, K/64] sums of sub-blocks 2p (low 16 bits) and 2p + 1 (high 16 bits)
 };
 
-Acts quantize(const float* x, int64_t R, int64_t K) {
+inline int8_t round_clamp(float v) {
+  return static_cast<int8_t>(std::max(-127, std::min(127, static_cast<int>(std::nearbyint(v)))));
+}
+
+inline void pair_sums(const int8_t* qb, int32_t* s) {  // one 256-block's 4 packed pairs of sub-block sums
+  for (int p = 0; p < 4; ++p) {
+    int lo = 0, hi = 0;
+    for (int l = 0; l < 32; ++l) {
+      lo += qb[64 * p + l];
+      hi += qb[64 * p + 32 + l];
+    }
+    s[p] = static_cast<int32_t>((static_cast<uint32_t>(static_cast<uint16_t>(hi)) << 16) | static_cast<uint16_t>(lo));
+  }
+}
+
+// One 256-block of one row. The vectorised and the scalar form give the same bytes: the block's
+// maximum is exact in any order, and cvtps rounds to nearest even as nearbyint does by default.
+__attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl")))
+void quantize_block_avx512(const float* xb, int8_t* qb, float* d) {
+  __m512 m = _mm512_setzero_ps();
+  for (int i = 0; i < QK; i += 16) m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(xb + i)));
+  const float amax = _mm512_reduce_max_ps(m);
+  const float iscale = amax > 0.f ? 127.f / amax : 0.f;
+  *d = amax > 0.f ? amax / 127.f : 0.f;
+  const __m512 s = _mm512_set1_ps(iscale);
+  const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
+  for (int i = 0; i < QK; i += 16) {
+    __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xb + i), s));
+    v = _mm512_min_epi32(_mm512_max_epi32(v, lo), hi);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(qb + i), _mm512_cvtepi32_epi8(v));
+  }
+}
+
+void quantize_block_portable(const float* xb, int8_t* qb, float* d) {
+  float amax = 0.f;
+  for (int i = 0; i < QK; ++i) amax = std::max(amax, std::fabs(xb[i]));
+  const float iscale = amax > 0.f ? 127.f / amax : 0.f;
+  *d = amax > 0.f ? amax / 127.f : 0.f;
+  for (int i = 0; i < QK; ++i) qb[i] = round_clamp(xb[i] * iscale);
+}
+
+bool has_vnni() {
+  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+  return ok;
+}
+
+Acts quantize(const float* x, int64_t R, int64_t K, bool vector) {
   Acts a;
   const int64_t nb = K / QK;
   a.q.resize(R * K);
   a.d.resize(R * nb);
-  a.s.resize(R * (K / 32));
+  a.s.resize(R * (K / 64));
   for (int64_t r = 0; r < R; ++r)
     for (int64_t b = 0; b < nb; ++b) {
       const float* xb = x + r * K + b * QK;
-      float amax = 0.f;
-      for (int i = 0; i < QK; ++i) amax = std::max(amax, std::fabs(xb[i]));
-      const float iscale = amax > 0.f ? 127.f / amax : 0.f;
-      a.d[r * nb + b] = amax > 0.f ? amax / 127.f : 0.f;
       int8_t* qb = a.q.data() + r * K + b * QK;
-      for (int j = 0; j < 8; ++j) {
-        int sum = 0;
-        for (int l = 0; l < 32; ++l) {
-          const int v = std::max(-127, std::min(127, static_cast<int>(std::nearbyint(xb[32 * j + l] * iscale))));
-          qb[32 * j + l] = static_cast<int8_t>(v);
-          sum += v;
-        }
-        a.s[r * (K / 32) + b * 8 + j] = static_cast<float>(sum);
-      }
+      if (vector) quantize_block_avx512(xb, qb, &a.d[r * nb + b]);
+      else quantize_block_portable(xb, qb, &a.d[r * nb + b]);
+      pair_sums(qb, &a.s[r * (K / 64) + b * 4]);
     }
   return a;
 }
@@ -63,113 +109,125 @@ struct Weights {
   int64_t N, K;
 };
 
-// The 16 outputs of tile t for every row (any x86-64 CPU).
+// The 16 outputs of tile t for every row (any x86-64 CPU): the same integers and float operations
+// as the vectorised kernel.
 void tile_portable(const Weights& w, const Acts& a, int64_t R, int64_t t, float* y) {
   const int64_t K = w.K, nb = K / QK, ns = K / 32;
   for (int64_t r = 0; r < R; ++r) {
     const int8_t* x = a.q.data() + r * K;
     float acc[16] = {0};
     for (int64_t b = 0; b < nb; ++b) {
-      float blk[16] = {0};
-      for (int j = 0; j < 8; ++j) {
-        const int64_t sb = b * 8 + j;
-        for (int o = 0; o < 16; ++o) {
+      const int32_t* s = &a.s[r * (K / 64) + b * 4];
+      for (int o = 0; o < 16; ++o) {
+        int32_t isum = 0, imin = 0;
+        for (int j = 0; j < 8; ++j) {
+          const int64_t sb = b * 8 + j;
           int32_t dot = 0;
           for (int gg = 0; gg < 4; ++gg) {
             const int64_t g = sb * 4 + gg;
             const uint8_t* v = w.w4 + (t * (K / 8) + g) * 64 + 4 * o;
             for (int i = 0; i < 4; ++i) dot += (v[i] & 15) * x[8 * g + i] + (v[i] >> 4) * x[8 * g + 4 + i];
           }
-          const float scale = w.d[(t * nb + b) * 16 + o] * static_cast<float>(w.sc[(t * ns + sb) * 16 + o]);
-          const float low = w.dm[(t * nb + b) * 16 + o] * static_cast<float>(w.mn[(t * ns + sb) * 16 + o]);
-          blk[o] = blk[o] + static_cast<float>(dot) * scale - low * a.s[r * ns + sb];
+          isum += static_cast<int32_t>(w.sc[(t * ns + sb) * 16 + o]) * dot;
+          const int16_t part = static_cast<int16_t>(j % 2 ? (s[j / 2] >> 16) : (s[j / 2] & 0xffff));
+          imin += static_cast<int32_t>(w.mn[((t * nb + b) * 4 + j / 2) * 32 + 2 * o + j % 2]) * part;
         }
+        const float ad = a.d[r * nb + b];
+        const float scale = w.d[(t * nb + b) * 16 + o] * ad, low = w.dm[(t * nb + b) * 16 + o] * ad;
+        acc[o] = std::fmaf(static_cast<float>(isum), scale, acc[o]);
+        acc[o] = std::fmaf(-static_cast<float>(imin), low, acc[o]);
       }
-      for (int o = 0; o < 16; ++o) acc[o] += blk[o] * a.d[r * nb + b];
     }
     std::memcpy(y + r * w.N + 16 * t, acc, sizeof acc);
   }
 }
 
-// R (rows) and T (tiles of 16 outputs sharing each activation broadcast) are template arguments, so
-// that the loops unroll and the accumulators stay in registers. Neither changes a single result: an
-// output's integer sums are exact in any order, and its float operations (one fma and one fnmadd per
-// sub-block, one fma per block) run in the same order for every R and T.
+// One 256-block b of rows r0 .. r0 + R and tiles t0 .. t0 + T, added to y. R and T are template
+// arguments, so that the loops unroll and the accumulators stay in registers. Neither changes a
+// single result: an output's integer sums are exact in any order, and its two float operations per
+// block run in the same order for every R and T, so how rows are grouped does not matter either.
 template <int R, int T>
 __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")))
-void tiles_vnni(const Weights& w, const Acts& a, int64_t t0, float* y) {
+void block_vnni(const Weights& w, const Acts& a, int64_t r0, int64_t t0, int64_t b, float* y) {
   const int64_t K = w.K, nb = K / QK, ns = K / 32;
   constexpr int C = R * T >= 4 ? 1 : 2;  // independent dot chains per output tile (latency, not throughput)
   const __m512i low4 = _mm512_set1_epi8(15);
+  __m512i isum[R][T];
   for (int r = 0; r < R; ++r)
-    for (int t = 0; t < T; ++t) _mm512_storeu_ps(y + r * w.N + 16 * (t0 + t), _mm512_setzero_ps());
-  for (int64_t b = 0; b < nb; ++b) {
-    __m512 blk[R][T];
+    for (int t = 0; t < T; ++t) isum[r][t] = _mm512_setzero_si512();
+  for (int j = 0; j < 8; ++j) {
+    const int64_t sb = b * 8 + j;
+    __m512i dot[R][T][C];
     for (int r = 0; r < R; ++r)
-      for (int t = 0; t < T; ++t) blk[r][t] = _mm512_setzero_ps();
-    for (int j = 0; j < 8; ++j) {
-      const int64_t sb = b * 8 + j;
-      __m512i dot[R][T][C];
-      for (int r = 0; r < R; ++r)
-        for (int t = 0; t < T; ++t)
-          for (int c = 0; c < C; ++c) dot[r][t][c] = _mm512_setzero_si512();
-      for (int gg = 0; gg < 4; ++gg) {
-        __m512i lo[T], hi[T];
+      for (int t = 0; t < T; ++t)
+        for (int c = 0; c < C; ++c) dot[r][t][c] = _mm512_setzero_si512();
+    for (int gg = 0; gg < 4; ++gg) {
+      __m512i lo[T], hi[T];
+      for (int t = 0; t < T; ++t) {
+        const uint8_t* v = w.w4 + ((t0 + t) * (K / 8) + sb * 4 + gg) * 64;
+        _mm_prefetch(reinterpret_cast<const char*>(v + 2048), _MM_HINT_T0);  // a block ahead
+        const __m512i p = _mm512_loadu_si512(v);
+        lo[t] = _mm512_and_si512(p, low4);
+        hi[t] = _mm512_and_si512(_mm512_srli_epi16(p, 4), low4);
+      }
+      for (int r = 0; r < R; ++r) {
+        const int8_t* x = a.q.data() + (r0 + r) * K + 32 * sb + 8 * gg;
+        int32_t x0, x1;
+        std::memcpy(&x0, x, 4);
+        std::memcpy(&x1, x + 4, 4);
+        const __m512i b0 = _mm512_set1_epi32(x0), b1 = _mm512_set1_epi32(x1);
         for (int t = 0; t < T; ++t) {
-          const uint8_t* v = w.w4 + ((t0 + t) * (K / 8) + sb * 4 + gg) * 64;
-          _mm_prefetch(reinterpret_cast<const char*>(v + 1024), _MM_HINT_T0);  // a few sub-blocks ahead
-          const __m512i p = _mm512_loadu_si512(v);
-          lo[t] = _mm512_and_si512(p, low4);
-          hi[t] = _mm512_and_si512(_mm512_srli_epi16(p, 4), low4);
-        }
-        for (int r = 0; r < R; ++r) {
-          const int8_t* x = a.q.data() + r * K + 32 * sb + 8 * gg;
-          int32_t x0, x1;
-          std::memcpy(&x0, x, 4);
-          std::memcpy(&x1, x + 4, 4);
-          const __m512i b0 = _mm512_set1_epi32(x0), b1 = _mm512_set1_epi32(x1);
-          for (int t = 0; t < T; ++t) {
-            __m512i& acc = dot[r][t][gg % C];
-            acc = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(acc, lo[t], b0), hi[t], b1);
+          if (C == 2) {
+            dot[r][t][0] = _mm512_dpbusd_epi32(dot[r][t][0], lo[t], b0);
+            dot[r][t][C - 1] = _mm512_dpbusd_epi32(dot[r][t][C - 1], hi[t], b1);
+          } else {
+            dot[r][t][0] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(dot[r][t][0], lo[t], b0), hi[t], b1);
           }
         }
       }
-      for (int t = 0; t < T; ++t) {
-        const int64_t at = (t0 + t) * nb + b, st = ((t0 + t) * ns + sb) * 16;
-        const __m512 scale = _mm512_mul_ps(_mm512_loadu_ps(w.d + at * 16), _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(
-            _mm_loadu_si128(reinterpret_cast<const __m128i*>(w.sc + st)))));
-        const __m512 minv = _mm512_mul_ps(_mm512_loadu_ps(w.dm + at * 16), _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(
-            _mm_loadu_si128(reinterpret_cast<const __m128i*>(w.mn + st)))));
-        for (int r = 0; r < R; ++r) {
-          __m512i d = dot[r][t][0];
-          for (int c = 1; c < C; ++c) d = _mm512_add_epi32(d, dot[r][t][c]);
-          blk[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), scale, blk[r][t]);
-          blk[r][t] = _mm512_fnmadd_ps(minv, _mm512_set1_ps(a.s[r * ns + sb]), blk[r][t]);
-        }
+    }
+    for (int t = 0; t < T; ++t) {
+      const __m512i scale = _mm512_cvtepu8_epi32(
+          _mm_loadu_si128(reinterpret_cast<const __m128i*>(w.sc + ((t0 + t) * ns + sb) * 16)));
+      for (int r = 0; r < R; ++r) {
+        __m512i d = dot[r][t][0];
+        if (C == 2) d = _mm512_add_epi32(d, dot[r][t][C - 1]);
+        isum[r][t] = _mm512_add_epi32(isum[r][t], _mm512_mullo_epi32(d, scale));
       }
     }
-    for (int r = 0; r < R; ++r)
-      for (int t = 0; t < T; ++t) {
-        float* out = y + r * w.N + 16 * (t0 + t);
-        _mm512_storeu_ps(out, _mm512_fmadd_ps(blk[r][t], _mm512_set1_ps(a.d[r * nb + b]), _mm512_loadu_ps(out)));
-      }
+  }
+  for (int t = 0; t < T; ++t) {
+    const int64_t at = (t0 + t) * nb + b;
+    const uint8_t* m = w.mn + at * 128;
+    __m512i mins[4];
+    for (int p = 0; p < 4; ++p)
+      mins[p] = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(m + 32 * p)));
+    const __m512 dv = _mm512_loadu_ps(w.d + at * 16), dmv = _mm512_loadu_ps(w.dm + at * 16);
+    for (int r = 0; r < R; ++r) {
+      const int32_t* s = &a.s[(r0 + r) * (K / 64) + b * 4];
+      __m512i imin = _mm512_setzero_si512();
+      for (int p = 0; p < 4; ++p) imin = _mm512_dpwssd_epi32(imin, mins[p], _mm512_set1_epi32(s[p]));
+      const __m512 ad = _mm512_set1_ps(a.d[(r0 + r) * nb + b]);
+      float* out = y + (r0 + r) * w.N + 16 * (t0 + t);
+      __m512 acc = _mm512_loadu_ps(out);
+      acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[r][t]), _mm512_mul_ps(dv, ad), acc);
+      acc = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(imin), _mm512_mul_ps(dmv, ad), acc);
+      _mm512_storeu_ps(out, acc);
+    }
   }
 }
 
-using TileFn = void (*)(const Weights&, const Acts&, int64_t, float*);
-constexpr int PAIR_ROWS = 6;  // up to this many rows, two tiles share each broadcast (registers suffice)
+using BlockFn = void (*)(const Weights&, const Acts&, int64_t, int64_t, int64_t, float*);
+constexpr int GROUP = 4;  // rows that share each weight load (more would spill the accumulators)
 
-template <int... Rs>
-TileFn pick(int64_t R, int tiles, std::integer_sequence<int, Rs...>) {
-  TileFn one[] = {tiles_vnni<Rs + 1, 1>...};
-  TileFn two[] = {tiles_vnni<(Rs < PAIR_ROWS ? Rs + 1 : 1), 2>...};
-  return tiles == 2 ? two[R - 1] : one[R - 1];
-}
-
-bool has_vnni() {
-  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
-  return ok;
+// Rows go through in groups of GROUP (the last one smaller); every group re-reads the block's
+// weights from the L1 cache.
+template <int T>
+void tiles_vnni(const Weights& w, const Acts& a, int64_t R, int64_t t0, float* y) {
+  static constexpr BlockFn by_rows[GROUP] = {block_vnni<1, T>, block_vnni<2, T>, block_vnni<3, T>, block_vnni<4, T>};
+  for (int64_t r = 0; r < R; ++r) std::memset(y + r * w.N + 16 * t0, 0, sizeof(float) * 16 * T);
+  for (int64_t b = 0; b < w.K / QK; ++b)
+    for (int64_t r0 = 0; r0 < R; r0 += GROUP) by_rows[std::min<int64_t>(GROUP, R - r0) - 1](w, a, r0, t0, b, y);
 }
 
 }  // namespace
@@ -180,14 +238,13 @@ torch::Tensor q4k_linear(torch::Tensor x, torch::Tensor w4, torch::Tensor sc, to
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "x must be (R, K) float32");
   const int64_t R = x.size(0), K = x.size(1), N = w4.size(0) * 16;
   TORCH_CHECK(K % QK == 0, "K must be a multiple of 256");
-  TORCH_CHECK(R <= MAXR, "at most 16 rows per call");
   TORCH_CHECK(w4.dim() == 3 && w4.size(1) == K / 8 && w4.size(2) == 64, "w4 must be (N/16, K/8, 64)");
-  TORCH_CHECK(sc.size(1) == K / 32 && d.size(1) == K / QK, "scale shapes do not match K");
-  const Acts a = quantize(x.data_ptr<float>(), R, K);
+  TORCH_CHECK(sc.size(1) == K / 32 && d.size(1) == K / QK && mn.numel() == N * (K / 32), "scale shapes do not match K");
+  const bool vnni = kernel != "portable" && has_vnni();
+  const Acts a = quantize(x.data_ptr<float>(), R, K, vnni);
   auto y = torch::empty({R, N}, x.options());
   const Weights w{w4.data_ptr<uint8_t>(), sc.data_ptr<uint8_t>(), mn.data_ptr<uint8_t>(), d.data_ptr<float>(),
                   dm.data_ptr<float>(), N, K};
-  const bool vnni = kernel != "portable" && has_vnni();
   float* Y = y.data_ptr<float>();
   const int64_t tiles = N / 16;
   if (!vnni) {
@@ -196,14 +253,18 @@ torch::Tensor q4k_linear(torch::Tensor x, torch::Tensor w4, torch::Tensor sc, to
     });
     return y;
   }
-  const auto seq = std::make_integer_sequence<int, MAXR>{};
-  const int step = R <= PAIR_ROWS ? 2 : 1;
-  const TileFn many = pick(R, step, seq), single = pick(R, 1, seq);
-  at::parallel_for(0, (tiles + step - 1) / step, 4, [&](int64_t lo, int64_t hi) {
+  // Four tiles share each activation broadcast for one row, two for more (registers); an uneven
+  // last tile or two go one by one.
+  const int step = R == 1 ? 4 : 2;
+  at::parallel_for(0, (tiles + step - 1) / step, 2, [&](int64_t lo, int64_t hi) {
     for (int64_t i = lo; i < hi; ++i) {
       const int64_t t = i * step;
-      if (t + step <= tiles) many(w, a, t, Y);
-      else single(w, a, t, Y);  // an odd last tile
+      if (t + step <= tiles) {
+        if (step == 4) tiles_vnni<4>(w, a, R, t, Y);
+        else tiles_vnni<2>(w, a, R, t, Y);
+      } else {
+        for (int64_t u = t; u < tiles; ++u) tiles_vnni<1>(w, a, R, u, Y);
+      }
     }
   });
   return y;
