@@ -24,9 +24,9 @@ def random_weights(n: int, k: int, seed: int = 0) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("kernel_name", ["auto", "portable"])
 def test_kernel_rows_are_batch_invariant_and_close_to_float(kernel_name):
-    w = random_weights(48, 512)
+    w = random_weights(80, 512)  # 5 tiles: one row takes 4 at a time and the last alone, more rows 2 + 2 + 1
     lin = q4k.Q4KLinear(w, kernel_name=kernel_name)
-    x = torch.randn(21, 512, generator=torch.Generator().manual_seed(1))  # more than one 16-row call
+    x = torch.randn(21, 512, generator=torch.Generator().manual_seed(1))  # groups of 4 rows and a last one
     y = lin(x)
     singles = torch.cat([lin(x[i:i + 1]) for i in range(x.shape[0])])
     assert torch.equal(y, singles)
@@ -35,11 +35,22 @@ def test_kernel_rows_are_batch_invariant_and_close_to_float(kernel_name):
     assert float((y - ref).norm() / ref.norm()) < 0.02  # int8 activations, per 256-block scale
 
 
-def test_vectorised_and_portable_kernels_agree():
+def test_vectorised_and_portable_kernels_agree_bit_for_bit():
     w = random_weights(32, 768, seed=2)
     x = torch.randn(5, 768, generator=torch.Generator().manual_seed(3))
     fast, slow = q4k.Q4KLinear(w)(x), q4k.Q4KLinear(w, kernel_name="portable")(x)
-    assert torch.allclose(fast, slow, rtol=1e-5, atol=1e-5)  # the same integer sums, float order differs
+    assert torch.equal(fast, slow)  # the same integers, the same two fmas per block in the same order
+
+
+def test_fused_layers_give_each_layer_its_own_outputs_bit_for_bit():
+    g = torch.Generator().manual_seed(4)
+    parts = [q4k.Q4KLinear(random_weights(n, 512, seed=n), bias) for n, bias in
+             ((64, torch.randn(64, generator=g)), (32, None), (16, torch.randn(16, generator=g)))]
+    fused = q4k.fuse_q4k(parts)
+    x = torch.randn(3, 512, generator=g)
+    assert torch.equal(fused(x), torch.cat([m(x) for m in parts], dim=-1))
+    with pytest.raises(ValueError, match="same input"):
+        q4k.fuse_q4k([parts[0], q4k.Q4KLinear(random_weights(16, 256))])
 
 
 def test_tiles_need_sixteen_outputs_and_256_inputs():
@@ -64,16 +75,19 @@ def test_unpacking_reproduces_ggml_dequantisation_exactly():
 @needs_qwen
 def test_q4k_target_is_batch_invariant_and_speculation_stays_lossless():
     from adaspec.api import Engine, load_model
+    from adaspec.models.fast import FastDecoder
 
     torch.set_num_threads(2)
     target, tok = load_model(QWEN, quant="q4k")
+    assert isinstance(target, FastDecoder) and target.exact_rows  # adaspec's runtime by default
     assert sum(isinstance(m, q4k.Q4KLinear) for m in target.model.modules()) == 12  # its Q4_K ffn_down layers
     ids = torch.randint(0, target.vocab_size, (60,), generator=torch.Generator().manual_seed(0))
-    target.reset()
-    target.extend(ids[:50])
-    many = target.extend(ids[50:55])
-    target.rollback(50)
-    assert torch.equal(many, torch.cat([target.extend(ids[50 + i:51 + i]) for i in range(5)]))
+    for adapter in (target, load_model(QWEN, quant="q4k", target_runtime="hf")[0]):  # both runtimes
+        adapter.reset()
+        adapter.extend(ids[:50])
+        many = adapter.extend(ids[50:55])
+        adapter.rollback(50)
+        assert torch.equal(many, torch.cat([adapter.extend(ids[50 + i:51 + i]) for i in range(5)]))
     drafter, _ = load_model(QWEN, quant="int8", role="drafter")  # another precision: drafts are sometimes rejected
     engine = Engine(target, drafter, tok)
     for prompt in ("Write a Python function that reverses a string.", "What is a hash map?"):

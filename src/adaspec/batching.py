@@ -108,7 +108,9 @@ class Batcher:
         if why is not None:
             raise AdaspecError(f"batched decoding is not available: {why}; use --max-batch 1")
         self.engine, self.settings = engine, settings.validate()
-        self.target = FastDecoder(engine.target.model, engine.target.name, exact_rows=True)
+        target = engine.target  # already on the runtime with exact rows (a q4k target), or made so here
+        self.target = target if isinstance(target, FastDecoder) and target.exact_rows else \
+            FastDecoder(target.model, target.name, exact_rows=True)
         self.drafter = engine.drafter  # a FastDecoder: one slot per sequence on shared weights
         self.running: list[Sequence] = []
         self.last_rows = 0  # rows of the last target forward

@@ -44,9 +44,12 @@ def add_model_args(p: argparse.ArgumentParser, *, drafter: bool = True) -> None:
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="weights dtype (default: float32)")
     p.add_argument("--quant", choices=QUANTS, default="auto",
                    help="quantise linear layers for the CPU: int8 (per-channel weights, per-row activations), "
-                        "q4k (experimental: a GGUF model's own Q4_K weights, int8 for the rest) or none; auto "
+                        "q4k (a GGUF model's own Q4_K weights, int8 for the rest: the fastest, docs/runtime.md) or none; auto "
                         "(default) is int8 for real float32 models on the CPU and none otherwise. Quantising is "
                         "slightly lossy versus float32; speculation stays lossless versus the quantised target")
+    p.add_argument("--target-runtime", choices=("auto", "hf"), default="auto",
+                   help="auto: a q4k Llama-family target runs on adaspec's own runtime (exact rows, fused Q4_K "
+                        "projections, same output as alone); hf: transformers' forward (default: auto)")
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 
@@ -130,7 +133,8 @@ def load_options(a: argparse.Namespace) -> dict:
     profile = getattr(a, "profile", None)
     return dict(target=a.target, drafter=drafter, dtype=a.dtype, device=a.device, quant=a.quant,
                 chat=not getattr(a, "raw", False), profile=False if profile == "none" else profile,
-                drafter_runtime=getattr(a, "drafter_runtime", "auto"), early_exit=getattr(a, "early_exit", None),
+                drafter_runtime=getattr(a, "drafter_runtime", "auto"),
+                target_runtime=getattr(a, "target_runtime", "auto"), early_exit=getattr(a, "early_exit", None),
                 draft_vocab=getattr(a, "draft_vocab", None), head=_head_arg(getattr(a, "head", None)))
 
 

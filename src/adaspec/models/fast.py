@@ -1,5 +1,5 @@
 """adaspec's own decoder runtime for Llama-family transformers models (Llama, Qwen2, Mistral without
-sliding windows, SmolLM2), used for drafters.
+sliding windows, SmolLM2), used for drafters, q4k targets and batched serving.
 
 It runs the transformers model's own modules (embedding, norms, MLP activation, rotary, linear
 layers, float or `Int8Linear`) through a short loop with a preallocated key/value cache (one tensor
@@ -14,9 +14,10 @@ matrix kernels, in the per-call work of `Int8Linear` (the input's range, its qua
 rescale). Here the int8 projections that read the same input are fused into one call (q, k, v;
 gate, up: bit-identical, `fuse_int8`), and with ``exact_rows=False`` every int8 layer becomes one
 fbgemm dynamic-quantisation call (`DynamicInt8Linear`). A drafter's numbers only steer proposals,
-never what is committed, so this is free of any quality cost. The target stays on transformers: at
-full depth with exact rows this runtime was not faster. The measurements behind both choices are
-in docs/method.md ("Drafter runtime").
+never what is committed, so this is free of any quality cost. A q4k target runs here with exact
+rows, its Q4_K projections fused on the same weights (`q4k.fuse_q4k`); an int8 target stays on
+transformers' forward by default, since fusing int8 projections copies their weights. The
+measurements behind these choices are in docs/method.md ("Drafter runtime") and docs/runtime.md.
 
 ``n_layers=n`` gives a drafter that runs only the first n layers, then the final norm and the LM
 head, sharing every weight with the full model (its own cache; no extra weight memory).
@@ -159,8 +160,9 @@ class FastDecoder:
             for i, layer in enumerate(self._layers):
                 x = x + self._attention(i, layer, layer.norm1(x), cos, sin, slots, sizes)
                 x = x + layer.mlp(layer.norm2(x))
+            x = self._norm(x)  # every row, logits or not: the final hidden state a feature tap reads
             rows = [r for r, want in zip(x[0].split(sizes), logits) if want]
-            heads = self._head(self._norm(torch.cat(rows)[None]))[0].split(
+            heads = self._head(torch.cat(rows)[None])[0].split(
                 [n for n, want in zip(sizes, logits) if want]) if rows else []
         for slot, n in zip(slots, sizes):
             slot.length += n
@@ -294,15 +296,20 @@ class _Layer:
 
 
 def _fused(linears: list, exact_rows: bool):
-    """h -> the outputs of `linears` (a tuple), with one kernel call when they are all int8. Float
-    layers stay separate: fusing them would copy their weights (the transformers model keeps its own)."""
+    """h -> the outputs of `linears` (a tuple), with one kernel call when they are all int8 or all
+    Q4_K (each output bit-identical to its own layer's). Float layers stay separate: fusing them would
+    copy their weights (the transformers model keeps its own)."""
+    from adaspec.models.q4k import Q4KLinear, fuse_q4k
     from adaspec.models.quant import Int8Linear, fuse_int8
 
-    if not all(isinstance(m, Int8Linear) for m in linears):
+    if all(isinstance(m, Q4KLinear) for m in linears):
+        fused = fuse_q4k(linears)
+    elif all(isinstance(m, Int8Linear) for m in linears):
+        fused = fuse_int8(linears)
+        if not exact_rows:
+            fused = _one_call(fused)
+    else:
         return lambda h: tuple(m(h) for m in linears)
-    fused = fuse_int8(linears)
-    if not exact_rows:
-        fused = _one_call(fused)
     sizes = [m.out_features for m in linears]
     return lambda h: fused(h).split(sizes, dim=-1)
 
