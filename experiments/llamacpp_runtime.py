@@ -5,11 +5,12 @@
 Needs the `anchors` extra (llama-cpp-python; docs/benchmarks.md gives the build flags). Prints,
 for the 1.5B target and the 0.5B drafter:
 1. ms of one forward over n = 1, 2, 4, 5, 8, 16 new tokens after a 200-token context, with the
-   logits of every new row (what verification needs), rolled back after each; adaspec in int8
-   (the target as the engine runs it; the drafter on its fast runtime) alternating with llama.cpp
-   (the file's Q4_K_M weights); median of --reps;
+   logits of every new row (what verification needs), rolled back after each; adaspec in each
+   --quant form (int8 and q4k by default, each model as the engine runs it: the int8 target on
+   transformers' forward, the q4k target and every drafter on adaspec's runtime) alternating with
+   llama.cpp (the file's Q4_K_M weights); median of --reps;
 2. batch invariance: the largest |logit| difference between one 5-token forward and five
-   one-token forwards over the same tokens (adaspec's int8 runtime is built to make it 0), and
+   one-token forwards over the same tokens (adaspec's targets are built to make it 0), and
    whether the greedy tokens agree;
 3. plain greedy decoding of the first --prompts Spec-Bench prompts (one per subtask), --tokens
    new tokens, by both, alternating: tok/s end to end and without the prefill.
@@ -40,60 +41,70 @@ def context_ids(tok) -> list[int]:
     return tok.encode(text)[:CONTEXT + max(NS)]
 
 
-def forward_ms(adapter, lcpp, ids: list[int], reps: int) -> dict[str, dict[int, float]]:
-    """Median ms per forward of n new rows, both runtimes, interleaved."""
-    adapter.reset()
-    adapter.extend(torch.tensor(ids[:CONTEXT]))
+def forward_ms(adapters: dict, lcpp, ids: list[int], reps: int) -> dict[str, dict[int, float]]:
+    """Median ms per forward of n new rows, every adaspec form and llama.cpp, interleaved."""
+    for adapter in adapters.values():
+        adapter.reset()
+        adapter.extend(torch.tensor(ids[:CONTEXT]))
     lcpp.reset()
     lcpp.decode(ids[:CONTEXT], 0, logits="none")
-    times = {"adaspec": {n: [] for n in NS}, "llama.cpp": {n: [] for n in NS}}
+    times = {k: {n: [] for n in NS} for k in (*adapters, "llama.cpp")}
     for r in range(reps + 1):  # r == 0 warms up
         for n in NS:
             new = ids[CONTEXT:CONTEXT + n]
-            t0 = time.perf_counter()
-            adapter.extend(torch.tensor(new))[-1, 0].item()
-            t1 = time.perf_counter()
-            adapter.rollback(CONTEXT)
+            for k, adapter in adapters.items():
+                t0 = time.perf_counter()
+                adapter.extend(torch.tensor(new))[-1, 0].item()
+                t1 = time.perf_counter()
+                adapter.rollback(CONTEXT)
+                if r:
+                    times[k][n].append((t1 - t0) * 1e3)
             t2 = time.perf_counter()
             lcpp.decode(new, CONTEXT, logits="all")
             t3 = time.perf_counter()
             lcpp.truncate(CONTEXT)
             if r:
-                times["adaspec"][n].append((t1 - t0) * 1e3)
                 times["llama.cpp"][n].append((t3 - t2) * 1e3)
-    adapter.reset()
+    for adapter in adapters.values():
+        adapter.reset()
     return {k: {n: statistics.median(v) for n, v in d.items()} for k, d in times.items()}
 
 
-def batch_drift(adapter, lcpp, ids: list[int]) -> dict[str, tuple[float, bool]]:
+def batch_drift(adapters: dict, lcpp, ids: list[int]) -> dict[str, tuple[float, bool]]:
     """(max |logit difference|, greedy tokens equal) of a 5-token forward against five 1-token ones."""
     new = ids[CONTEXT:CONTEXT + 5]
-    adapter.reset()
-    adapter.extend(torch.tensor(ids[:CONTEXT]))
-    batched = adapter.extend(torch.tensor(new)).float()
-    adapter.rollback(CONTEXT)
-    single = torch.cat([adapter.extend(torch.tensor([t])).float() for t in new])
-    adapter.reset()
+    out = {}
+    for k, adapter in adapters.items():
+        adapter.reset()
+        adapter.extend(torch.tensor(ids[:CONTEXT]))
+        batched = adapter.extend(torch.tensor(new)).float()
+        adapter.rollback(CONTEXT)
+        single = torch.cat([adapter.extend(torch.tensor([t])).float() for t in new])
+        adapter.reset()
+        out[k] = (float((batched - single).abs().max()), bool((batched.argmax(-1) == single.argmax(-1)).all()))
     lcpp.reset()
     lcpp.decode(ids[:CONTEXT], 0, logits="none")
     lb = lcpp.decode(new, CONTEXT, logits="all")
     lcpp.truncate(CONTEXT)
     ls = np.concatenate([lcpp.decode([t], CONTEXT + i, logits="all") for i, t in enumerate(new)])
     lcpp.reset()
-    return {"adaspec": (float((batched - single).abs().max()), bool((batched.argmax(-1) == single.argmax(-1)).all())),
-            "llama.cpp": (float(np.abs(lb - ls).max()), bool((lb.argmax(-1) == ls.argmax(-1)).all()))}
+    out["llama.cpp"] = (float(np.abs(lb - ls).max()), bool((lb.argmax(-1) == ls.argmax(-1)).all()))
+    return out
 
 
-def greedy(engine: Engine, n_prompts: int, tokens: int) -> dict[str, list[tuple[float, float]]]:
-    """(tok/s end to end, tok/s without prefill) per prompt, adaspec's ar and llamacpp-ar alternating."""
+def greedy(engines: dict[str, Engine], n_prompts: int, tokens: int) -> dict[str, list[tuple[float, float]]]:
+    """(tok/s end to end, tok/s without prefill) per prompt, adaspec's ar in each form and
+    llamacpp-ar alternating."""
     ar = parse_label("ar")[0]
-    out = {"adaspec ar": [], "llamacpp-ar": []}
+    runs = {f"adaspec ar, {k}": (e, ar.fn) for k, e in engines.items()}
+    runs["llamacpp-ar"] = (next(iter(engines.values())), anchors.llamacpp_ar)
+    out = {name: [] for name in runs}
     records = load_spec_bench(limit_per_subtask=1)[:n_prompts]
     for i, rec in enumerate(records):
-        ctx = MethodContext(engine, engine.encode(prompt_text(rec)), {"max_new_tokens": tokens})
-        for name, fn in (("adaspec ar", ar.fn), ("llamacpp-ar", anchors.llamacpp_ar)):
+        for name, (engine, fn) in runs.items():
+            ctx = MethodContext(engine, engine.encode(prompt_text(rec)), {"max_new_tokens": tokens})
             r = fn(ctx)
-            if i == 0:  # the first prompt warms both up; timed on the second pass
+            if i == 0:  # the first prompt warms every runtime up; timed on the second pass
                 r = fn(ctx)
             s = r.stats
             out[name].append((r.new_tokens / r.wall_s, r.new_tokens / (s["total_s"] - s["prefill_s"])))
@@ -106,29 +117,34 @@ def main() -> None:
     p.add_argument("--prompts", type=int, default=6)
     p.add_argument("--tokens", type=int, default=96)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--quant", nargs="+", default=["int8", "q4k"], choices=["int8", "q4k"],
+                   help="adaspec's forms to run beside llama.cpp (default: both)")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     from adaspec.calibration.identity import device_name
 
     print(f"machine: {device_name(torch.device('cpu'))}, {a.threads} threads; median of {a.reps}")
-    engine = None
+    engines = {}
     for name, role in (("qwen2.5-coder-1.5b", "target"), ("qwen2.5-coder-0.5b", "drafter")):
-        adapter, tok = load_model(name, quant="int8", role=role)
+        adapters = {}
+        for quant in a.quant:  # each as the engine runs it (load_model's default runtime for the role)
+            adapters[f"adaspec {quant}"], tok = load_model(name, quant=quant, role=role)
         lcpp = anchors._model(_gguf_file(name), a.threads, role)
         ids = context_ids(tok)
-        ms = forward_ms(adapter, lcpp, ids, a.reps)
+        ms = forward_ms(adapters, lcpp, ids, a.reps)
         print(f"\n{name} ({role}), ms per forward of n new tokens after {CONTEXT}:")
         print("| runtime | " + " | ".join(str(n) for n in NS) + " | n=5 / n=1 |")
         print("|---" * (len(NS) + 2) + "|")
         for k, d in ms.items():
             print(f"| {k} | " + " | ".join(f"{d[n]:.1f}" for n in NS) + f" | {d[5] / d[1]:.2f}x |")
-        for k, (diff, same) in batch_drift(adapter, lcpp, ids).items():
+        for k, (diff, same) in batch_drift(adapters, lcpp, ids).items():
             print(f"batch invariance, {k}: max |logit(5-token forward) - logit(5 one-token forwards)| = {diff:.4g}; "
                   f"greedy tokens {'equal' if same else 'DIFFER'}")
         if role == "target":
-            engine = Engine(adapter, None, tok, target_name=name)
+            engines = {k.removeprefix("adaspec "): Engine(ad, None, tok, target_name=name) for k, ad in adapters.items()}
+        del adapters, lcpp
     print(f"\nplain greedy decoding, {a.prompts} Spec-Bench prompts, {a.tokens} new tokens, alternating:")
-    for k, rows in greedy(engine, a.prompts, a.tokens).items():
+    for k, rows in greedy(engines, a.prompts, a.tokens).items():
         print(f"{k}: {statistics.fmean(r[0] for r in rows):.1f} tok/s end to end, "
               f"{statistics.fmean(r[1] for r in rows):.1f} tok/s decode")
 
