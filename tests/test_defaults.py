@@ -1,4 +1,4 @@
-"""The fastest lossless setup is the default: int8 on the CPU, the shipped profile of the default
+"""The fastest lossless setup is the default: q4k on the CPU for GGUF models (int8 for others), the shipped profile of the default
 pair loaded by itself (and passed over with a warning when it does not fit), the best measured
 method when a profile is there, and every default overridable (--quant none, --profile none,
 --method)."""
@@ -20,9 +20,11 @@ from adaspec.models.tiny import ByteTokenizer, perturbed_copy, tiny_model
 from test_calibrate import make_profile
 
 
-def test_auto_quantisation_is_int8_for_real_float32_models_on_the_cpu():
-    assert resolve_quant("auto", "qwen2.5-coder-1.5b") == "int8"
-    assert resolve_quant("auto", "/some/model.gguf") == "int8"
+def test_auto_quantisation_is_q4k_for_gguf_models_and_int8_for_other_real_ones_on_the_cpu():
+    assert resolve_quant("auto", "qwen2.5-coder-1.5b") == "q4k"  # a preset: a GGUF file
+    assert resolve_quant("auto", "/some/model.GGUF") == "q4k"
+    assert resolve_quant("auto", "/some/model-folder") == "int8"
+    assert resolve_quant("auto", "Qwen/Qwen2.5-Coder-1.5B-Instruct") == "int8"  # a hub id
     assert resolve_quant("auto", "tiny") is None  # the toy models stay as built
     assert resolve_quant("auto", tiny_model(seed=0)) is None  # an adapter passed in stays as it is
     assert resolve_quant("auto", "qwen2.5-coder-1.5b", dtype=torch.bfloat16) is None
@@ -42,8 +44,10 @@ def test_the_cli_defaults_to_auto_and_takes_none():
     assert parse(["generate", "hi"]).method is None  # unset: the engine's default_method
 
 
-def test_the_default_pair_ships_a_profile_in_int8_only():
-    path = shipped_profile(api.DEFAULT_TARGET, api.DEFAULT_DRAFTER, "int8")
+@pytest.mark.parametrize("quant", ["q4k", "int8"])
+def test_the_default_pair_ships_a_profile_in_q4k_and_int8_only(quant):
+    path = shipped_profile(api.DEFAULT_TARGET, api.DEFAULT_DRAFTER, quant)
+    assert path.name == f"qwen2.5-coder-{quant}.json"
     profile = Profile.load(path)
     assert profile.target["name"] == api.DEFAULT_TARGET and profile.drafter["name"] == api.DEFAULT_DRAFTER
     assert profile.target["quantized"] and profile.drafter["quantized"]

@@ -101,3 +101,35 @@ def test_q4k_needs_a_gguf_model():
 
     with pytest.raises(AdaspecError, match="GGUF"):
         load_model("tiny", quant="q4k")
+
+
+@needs_qwen
+def test_packed_layers_are_kept_reused_bit_for_bit_and_refused_when_damaged(tmp_path, monkeypatch):
+    from adaspec.api import load_model
+    from adaspec.models.registry import PRESETS
+
+    gguf = path(QWEN)
+    cache = q4k.PackCache(tmp_path, PRESETS[QWEN].sha256, "run the fix")
+    ids = torch.arange(100, 130)
+
+    def logits():
+        model = load_model(QWEN)[0].model
+        names = q4k.apply_gguf(model, gguf, cache)
+        with torch.inference_mode():
+            return names, model(ids[None]).logits[0]
+
+    names, first = logits()
+    assert len(names) == 12 and (cache.folder / q4k.PACKED_FILE).is_file()
+    monkeypatch.setattr(q4k, "_from_gguf", lambda *a: pytest.fail("the kept copy was not used"))
+    again, second = logits()
+    assert again == sorted(names) and torch.equal(first, second)
+    monkeypatch.undo()
+
+    packed = cache.folder / q4k.PACKED_FILE
+    data = bytearray(packed.read_bytes())
+    data[-1] ^= 0xFF  # one flipped byte of the last layer's weights
+    packed.write_bytes(bytes(data))
+    with pytest.raises(AdaspecError, match=r"packed Q4_K copy .* is damaged \(q4k.safetensors was changed.*run the fix"):
+        logits()
+    assert q4k.drop_damaged(tmp_path, cache.sha256) == [cache.folder] and not cache.folder.exists()
+    assert torch.equal(logits()[1], first)  # packed again from the GGUF

@@ -45,7 +45,8 @@ QUANTS = ("auto", "none", "int8", "q4k")
 # falls back from it.
 DEFAULT_METHOD = "multi-draft-calibrated"
 # Calibration profiles shipped with the package: (target, drafter, quant) -> file in calibration/profiles.
-SHIPPED_PROFILES = {(DEFAULT_TARGET, DEFAULT_DRAFTER, "int8"): "qwen2.5-coder-int8.json"}
+SHIPPED_PROFILES = {(DEFAULT_TARGET, DEFAULT_DRAFTER, "q4k"): "qwen2.5-coder-q4k.json",
+                    (DEFAULT_TARGET, DEFAULT_DRAFTER, "int8"): "qwen2.5-coder-int8.json"}
 # Draft heads shipped with the package (drafters/heads/): target preset -> (file, sha256 of the file).
 # Trained by `adaspec train-head` (docs/method.md, "Draft head"; curve in docs/results/draft-head).
 SHIPPED_HEADS: dict[str, tuple[str, str]] = {
@@ -55,14 +56,20 @@ SHIPPED_HEADS: dict[str, tuple[str, str]] = {
 
 
 def resolve_quant(quant: str | None, source, *, device: str = "cpu", dtype: torch.dtype = torch.float32) -> str | None:
-    """The quantisation a model loads with. "auto" (the default) is int8 for a real float32 model on
-    the CPU, the fast runtime (docs/runtime.md), and none for the built-in toy models, adapters
-    passed in, GPUs and other dtypes; "none" or None: as loaded; "int8" / "q4k": that."""
+    """The quantisation a model loads with. "auto" (the default), for a real float32 model on the
+    CPU: q4k where the model comes from a GGUF file (a preset or a .gguf path: its own Q4_K
+    weights, the fastest form measured, docs/runtime.md), int8 otherwise (a model folder, a hub
+    id); none for the built-in toy models, adapters passed in, GPUs and other dtypes. "none" or
+    None: as loaded; "int8" / "q4k": that."""
     if quant not in (None, *QUANTS):
         raise AdaspecError(f"unknown quantisation {quant!r}; choose one of {', '.join(QUANTS)}")
     if quant == "auto":
         real = isinstance(source, str) and source not in TOY_MODELS
-        return "int8" if real and dtype == torch.float32 and torch.device(device).type == "cpu" else None
+        if not (real and dtype == torch.float32 and torch.device(device).type == "cpu"):
+            return None
+        from adaspec.models.registry import PRESETS
+
+        return "q4k" if source in PRESETS or source.lower().endswith(".gguf") else "int8"
     return None if quant == "none" else quant
 
 
@@ -93,7 +100,8 @@ def load_model(source: str | ModelAdapter, *, dtype: torch.dtype = torch.float32
     target_runtime="hf" keeps transformers' forward. An int8 target stays on transformers' forward:
     fusing int8 projections copies their weights.
 
-    quant: "auto" (int8 for a real model on the CPU), "none", "int8" or "q4k" (resolve_quant).
+    quant: "auto" (q4k for a GGUF model on the CPU, int8 for another real one), "none", "int8" or "q4k"
+    (resolve_quant).
     draft_vocab (drafters only): a pruned drafting vocabulary, as a DraftVocab, its JSON file, or
     a size N (the N most frequent tokens of the default corpus, drafters/vocab.py); the output
     head is cut to those rows before quantisation.
@@ -126,8 +134,13 @@ def load_model(source: str | ModelAdapter, *, dtype: torch.dtype = torch.float32
     if quant:
         from adaspec.models.quant import quantize_adapter
 
-        gguf = _gguf_file(source) if quant == "q4k" else None
-        adapter = quantize_adapter(adapter, quant, gguf=gguf)  # also makes attention row-wise (models/invariant.py)
+        gguf = pack = None
+        if quant == "q4k" and (gguf := _gguf_file(source)) is not None:
+            from adaspec.models.registry import pack_cache
+
+            pack = pack_cache(source)
+        # also makes attention row-wise (models/invariant.py)
+        adapter = quantize_adapter(adapter, quant, gguf=gguf, pack_cache=pack)
         drafter = role == "drafter"
         if (drafter and drafter_runtime == "auto") or (not drafter and target_runtime == "auto" and quant == "q4k"):
             from adaspec.models.fast import FastDecoder, supports
@@ -477,9 +490,10 @@ def load(target: str | ModelAdapter = DEFAULT_TARGET, drafter: str | ModelAdapte
          head: str | Path | bool | None = None) -> Engine:
     """Load a target and drafter (preset names, local paths, hub ids, adapters) into an Engine.
 
-    quant: "auto" (default: int8 for real models on the CPU), "none", "int8" or "q4k" (resolve_quant).
+    quant: "auto" (default: q4k for GGUF models on the CPU, int8 for other real ones), "none", "int8" or
+    "q4k" (resolve_quant).
     profile: a calibration profile (or its JSON path) from `adaspec calibrate` for this very pair;
-    None: the profile that ships for this pair and quantisation (the default pair in int8), if any;
+    None: the profile that ships for this pair and quantisation (the default pair in q4k and in int8), if any;
     False: none.
     drafter_runtime: "auto" (adaspec's runtime for quantised Llama-family drafters) or "hf" (see load_model).
     target_runtime: "auto" (adaspec's runtime, exact rows, for a q4k Llama-family target) or "hf".

@@ -26,11 +26,16 @@ speculation rests on. CPUs without AVX-512 VNNI run a portable loop that gives t
 
 from __future__ import annotations
 
+import json
+import os
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from adaspec.config import AdaspecError
 
 QK = 256
 BLOCK_BYTES = 144  # ggml block_q4_K: d, dmin (fp16), scales[12], qs[128]
@@ -101,7 +106,7 @@ def pack_tiles(w: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
     # mins: per tile and 256-block, pairs of sub-blocks (2p, 2p + 1) side by side per output
     mn = w["mn"].reshape(n // 16, 16, k // QK, 4, 2).permute(0, 2, 3, 1, 4).reshape(n // 16, k // QK, 128)
-    return {"w4": w4, "mn": mn.contiguous(), **{name: by16(w[name]) for name in ("sc", "d", "dm")}}
+    return {"w4": w4, "sc": by16(w["sc"]), "mn": mn.contiguous(), "d": by16(w["d"]), "dm": by16(w["dm"])}
 
 
 class Q4KLinear(torch.nn.Module):
@@ -114,8 +119,8 @@ class Q4KLinear(torch.nn.Module):
         packed = pack_tiles(weights) if packed is None else packed
         self.out_features = packed["w4"].shape[0] * 16
         self.in_features = packed["w4"].shape[1] * 8
-        for name, t in packed.items():
-            self.register_buffer(name, t)
+        for name in PACKED_PARTS:  # one order, however the weights came: a model's fingerprint reads it
+            self.register_buffer(name, packed[name])
         self.bias = bias
         self.kernel_name = kernel_name
 
@@ -137,7 +142,7 @@ def fuse_q4k(linears: list[Q4KLinear]) -> Q4KLinear:
     done = getattr(linears[0], "fused", None)  # a second runtime over the same model (batched serving)
     if done is not None and done[0] == [id(m) for m in linears]:
         return done[1]
-    packed = {name: torch.cat([getattr(m, name) for m in linears]) for name in ("w4", "sc", "mn", "d", "dm")}
+    packed = {name: torch.cat([getattr(m, name) for m in linears]) for name in PACKED_PARTS}
     bias = None
     if any(m.bias is not None for m in linears):
         bias = torch.cat([m.bias if m.bias is not None else torch.zeros(m.out_features) for m in linears])
@@ -158,15 +163,50 @@ GGUF_LINEARS = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "att
                 "ffn_down": "mlp.down_proj"}
 
 
-def apply_gguf(model: torch.nn.Module, gguf_path: str | Path) -> list[str]:
+PACK_VERSION = 2  # the kernel's layout (pack_tiles); another layout is another folder, never a stale one
+PACKED_FILE = "q4k.safetensors"
+PACKED_PARTS = ("w4", "sc", "mn", "d", "dm")
+
+
+@dataclass(frozen=True)
+class PackCache:
+    """Where the packed Q4_K layers of one GGUF file are kept: `root/q4k-<sha256[:12]>-v<version>/`,
+    keyed by the file's checksum and the layout version, stamped like the converted float copy
+    (models/convert_cache.py) and refused when damaged, with `fix` saying how to rebuild it."""
+    root: Path
+    sha256: str
+    fix: str
+
+    @property
+    def folder(self) -> Path:
+        return Path(self.root) / f"q4k-{self.sha256[:12]}-v{PACK_VERSION}"
+
+
+def apply_gguf(model: torch.nn.Module, gguf_path: str | Path, cache: PackCache | None = None) -> list[str]:
     """Replace every linear layer of `model` whose GGUF weight is Q4_K by a Q4KLinear on those very
     bytes; returns the names replaced. Each replaced weight must equal the model's float weight (the
-    model was converted from the same file), so a file that does not belong to the model is refused."""
+    model was converted from the same file), so a file that does not belong to the model is refused.
+
+    cache: keep the packed layers on disk, so that later loads read them (about 1 s) instead of
+    parsing the GGUF, checking every layer against the float weights and packing again (about
+    15 s for the 1.5B). A damaged copy is refused (one line naming the fix), never loaded."""
+    from adaspec.models import convert_cache as cc
+
+    if cache is not None and cc.is_complete(cache.folder):
+        why = cc.damaged(cache.folder)
+        if why is not None:
+            raise AdaspecError(f"the packed Q4_K copy {cache.folder} is damaged ({why}); {cache.fix}")
+        return _apply_packed(model, cache.folder)
+    packed = _from_gguf(model, gguf_path)
+    if cache is not None:
+        _save_packed(packed, cache, Path(gguf_path).name)
+    return list(packed)
+
+
+def _from_gguf(model: torch.nn.Module, gguf_path: str | Path) -> dict[str, dict[str, torch.Tensor]]:
     from gguf import GGMLQuantizationType, GGUFReader
 
-    from adaspec.config import AdaspecError
-
-    replaced = []
+    packed = {}
     modules = dict(model.named_modules())
     for t in GGUFReader(str(gguf_path)).tensors:
         parts = t.name.split(".")  # blk.N.<kind>.weight
@@ -182,8 +222,77 @@ def apply_gguf(model: torch.nn.Module, gguf_path: str | Path) -> list[str]:
                 dequantize(w), linear.weight.detach()):
             raise AdaspecError(f"{gguf_path}: tensor {t.name} does not hold the weights of {name}; load the model "
                                "from this GGUF file")
-        bias = None if linear.bias is None else linear.bias.detach().clone()
-        parent, _, child = name.rpartition(".")
-        setattr(modules[parent], child, Q4KLinear(w, bias))
-        replaced.append(name)
-    return replaced
+        packed[name] = pack_tiles(w)
+        _replace(modules, name, packed[name])
+    return packed
+
+
+def _replace(modules: dict, name: str, packed: dict[str, torch.Tensor]) -> None:
+    linear = modules[name]
+    bias = None if linear.bias is None else linear.bias.detach().clone()
+    parent, _, child = name.rpartition(".")
+    setattr(modules[parent], child, Q4KLinear(None, bias, packed=packed))
+
+
+def _apply_packed(model: torch.nn.Module, folder: Path) -> list[str]:
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(folder / PACKED_FILE))
+    names = sorted({key.rsplit(".", 1)[0] for key in tensors})
+    modules = dict(model.named_modules())
+    for name in names:
+        linear = modules.get(name)
+        packed = {part: tensors[f"{name}.{part}"] for part in PACKED_PARTS}
+        if type(linear) is not torch.nn.Linear or tuple(linear.weight.shape) != (
+                packed["w4"].shape[0] * 16, packed["w4"].shape[1] * 8):
+            raise AdaspecError(f"the packed Q4_K copy {folder} does not fit this model (layer {name}); load the "
+                               "model from the GGUF file it was packed from")
+        _replace(modules, name, packed)
+    return names
+
+
+def _save_packed(packed: dict[str, dict[str, torch.Tensor]], cache: PackCache, gguf_name: str) -> None:
+    """Write the folder under a temporary name and rename it once complete (marker last). A cache
+    that cannot be written only costs the next load its speed: that is logged, not raised."""
+    import logging
+    import shutil
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    from adaspec.models import convert_cache as cc
+
+    tmp = None
+    try:
+        Path(cache.root).mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=cache.root, prefix=f".{cache.folder.name}.tmp-"))
+        tmp.chmod(0o755)
+        save_file({f"{name}.{part}": t.contiguous() for name, parts in packed.items() for part, t in parts.items()},
+                  str(tmp / PACKED_FILE))
+        (tmp / cc.MARKER).write_text(json.dumps({"gguf": gguf_name, "sha256": cache.sha256, "format": "q4k",
+                                                 "version": PACK_VERSION, "files": cc._stamp(tmp)}, indent=1))
+        if cache.folder.exists() and not cc.is_complete(cache.folder):
+            shutil.rmtree(cache.folder)  # a copy without its marker was never finished
+        if not cc.is_complete(cache.folder):  # else another process finished the same copy first
+            os.rename(tmp, cache.folder)
+    except OSError as e:
+        logging.getLogger("adaspec").warning("could not keep the packed Q4_K layers in %s (%s); the next load "
+                                             "packs them again", cache.root, e.strerror or e)
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def drop_damaged(root: Path, sha256: str) -> list[Path]:
+    """Delete every damaged packed copy of the GGUF with this checksum under `root` (the next q4k load
+    packs it again); returns the folders deleted."""
+    import shutil
+
+    from adaspec.models import convert_cache as cc
+
+    dropped = []
+    for folder in sorted(Path(root).glob(f"q4k-{sha256[:12]}-v*")):
+        if folder.is_dir() and cc.is_complete(folder) and cc.damaged(folder) is not None:
+            shutil.rmtree(folder)
+            dropped.append(folder)
+    return dropped

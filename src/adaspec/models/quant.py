@@ -165,12 +165,13 @@ class DynamicInt8Linear(nn.Module):
 
 
 def quantize_adapter(adapter: ModelAdapter, mode: str, *, lm_head: bool = True, copy: bool = False,
-                     gguf: str | None = None) -> ModelAdapter:
+                     gguf: str | None = None, pack_cache=None) -> ModelAdapter:
     """Quantise the adapter's model (its `.model` attribute) and return the adapter, cache emptied.
 
     mode: "int8" (CPU only, float32 models only; see the module docstring), or "q4k": the linear
         layers whose weights are Q4_K in the GGUF file `gguf` (the file the model was converted
-        from) compute with those 4-bit weights (models/q4k.py), every other one is int8.
+        from) compute with those 4-bit weights (models/q4k.py), every other one is int8; `pack_cache`
+        (a q4k.PackCache) keeps the packed layers on disk for the next load.
     lm_head: also quantise the output head (the Linear producing the vocab_size logits).
     copy: quantise a deep copy and leave `adapter` untouched (costs the float model's memory once
     more); by default the model is quantised in place and its float32 linear weights are freed.
@@ -201,7 +202,7 @@ def quantize_adapter(adapter: ModelAdapter, mode: str, *, lm_head: bool = True, 
                                "from one: use a preset or a .gguf file, or --quant int8")
         from adaspec.models.q4k import apply_gguf
 
-        apply_gguf(model, gguf)
+        apply_gguf(model, gguf, pack_cache)
     skip = set() if lm_head else set(_head_names(model, adapter.vocab_size))
     replace_linears(model, Int8Linear.from_float, skip=skip)
     _use_row_attention(model)

