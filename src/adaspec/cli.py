@@ -71,7 +71,7 @@ def add_option_args(p: argparse.ArgumentParser) -> None:
                 g.add_argument("--" + name.replace("_", "-"), **_flag(name, f, hints[name]))
     p.add_argument("--profile", default=None, metavar="PATH", help="calibration profile of this pair from "
                    "`adaspec calibrate`, read by the calibrated methods (docs/calibration.md); default: the "
-                   "profile shipped for the pair, if any (the default pair in int8); `none`: no profile")
+                   "profile shipped for the pair, if any (the default pair in q4k and int8); `none`: no profile")
 
 
 def _owner(title: str):
