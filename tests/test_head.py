@@ -126,6 +126,22 @@ def test_a_head_file_round_trips_and_is_refused_for_another_target(tmp_path):
         load_head_drafter(tmp_path / "missing.safetensors", target)
 
 
+def test_an_engine_checks_a_head_file_at_once_and_builds_its_drafter_at_first_use(tmp_path):
+    target = HFAdapter(_model("qwen2", 0), "t")
+    head = _head(target)
+    path = tmp_path / "h.safetensors"
+    HeadFile(head.cfg, head.state_dict(), _vocab(target, 100), "t", target_key(target.model), {"steps": 1}).save(path)
+    with pytest.raises(AdaspecError, match="trained for 't', not for 'other'"):  # refused when given, not later
+        Engine(HFAdapter(_model("qwen2", 5), "other")).use_head(path)
+    engine = Engine(target)
+    engine.use_head(path)
+    assert engine._head is None  # nothing built at load: the int8 copy and the feature tap wait for a use
+    ar = engine.generate([1, 2, 3], method="ar", max_new_tokens=12)
+    assert engine._head is None
+    assert engine.generate([1, 2, 3], method="head", max_new_tokens=12).token_ids == ar.token_ids
+    assert isinstance(engine._head, HeadDrafter) and engine.head is engine._head  # built once, then kept
+
+
 def test_the_head_method_without_a_head_says_what_to_do():
     engine = Engine(tiny_model(seed=0))
     with pytest.raises(AdaspecError, match="needs a draft head.*train-head"):

@@ -21,7 +21,7 @@ from adaspec.calibration.profile import Profile, load_profile
 from adaspec.config import AdaspecError, GenerationConfig, SpecConfig, check_text, make_config
 from adaspec.decode import check_vocab, speculative_generate
 from adaspec.drafters.base import Drafter
-from adaspec.drafters.head import HeadDrafter, load_head_drafter
+from adaspec.drafters.head import HeadDrafter, head_drafter, open_head
 from adaspec.drafters.model import ModelDrafter
 from adaspec.drafters.ngram import NGramDrafter
 from adaspec.drafters.pool import DrafterPool
@@ -257,7 +257,8 @@ class Engine:
         # More model drafters for the pool methods (e.g. an early-exit drafter): (drafter, cost per
         # drafted token as a fraction of one one-token target forward). Append after loading.
         self.extra_drafters: list[tuple[Drafter, float]] = []
-        self.head: HeadDrafter | None = None  # the draft head (method "head"; also in the pool)
+        self._head: HeadDrafter | None = None  # the draft head (method "head"; also in the pool)
+        self._head_file: tuple | None = None  # (HeadFile, path) checked at use_head, built at first use
         self.target_name = target_name or target.name
         self.drafter_name = drafter_name or (drafter.name if drafter is not None else None)
         self.profile: Profile | None = None  # read by calibrated methods
@@ -295,12 +296,21 @@ class Engine:
         Off by default: the shipped head did not help the pool in any run (docs/method.md, "Draft head")."""
         if cost is not None and not cost > 0:
             raise AdaspecError(f"a head's cost is a positive fraction of a target forward, got {cost!r}")
-        if not isinstance(head, HeadDrafter):
-            head = load_head_drafter(head, self.target, self.target_name)
-        self.head = head
         self.extra_drafters = [(d, c) for d, c in self.extra_drafters if not isinstance(d, HeadDrafter)]
+        if isinstance(head, HeadDrafter):
+            self._head, self._head_file = head, None
+        else:  # checked now; its drafter (int8 copy, output rows, feature tap: seconds) is built at first use
+            self._head, self._head_file = None, (open_head(head, self.target, self.target_name), head)
         if pool:
-            self.extra_drafters.append((head, head.relative_cost() if cost is None else float(cost)))
+            self.extra_drafters.append((self.head, self.head.relative_cost() if cost is None else float(cost)))
+
+    @property
+    def head(self) -> HeadDrafter | None:
+        """The draft head, built from its file the first time a request or a caller needs it."""
+        if self._head is None and self._head_file is not None:
+            stored, path = self._head_file
+            self._head, self._head_file = head_drafter(stored, path, self.target), None
+        return self._head
 
     def encode(self, prompt: str | list[int] | list[dict], *, chat: bool | None = None) -> list[int]:
         """Prompt ids from text (chat template applied unless chat=False), token ids or chat messages."""
@@ -387,10 +397,11 @@ class Engine:
         if kind == "ngram":
             return ngram
         if kind == "head":
-            if self.head is None or batched:
+            if self._head is None and self._head_file is None:
                 raise AdaspecError(f"method {spec.method!r} needs a draft head: load one (head=PATH, --head FILE; "
-                                   "`adaspec train-head` trains one), or use another method" if self.head is None else
-                                   f"method {spec.method!r}: the draft head keeps one cache, so it runs one request "
+                                   "`adaspec train-head` trains one), or use another method")
+            if batched:
+                raise AdaspecError(f"method {spec.method!r}: the draft head keeps one cache, so it runs one request "
                                    "at a time (serve with --max-batch 1), or use another method")
             return self.head
         extras = [] if batched else self.extra_drafters

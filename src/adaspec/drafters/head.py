@@ -393,6 +393,11 @@ def _int8(module: nn.Module) -> nn.Module:
 def load_head_drafter(path: str | Path, target, target_name: str | None = None, *, fast: bool = True) -> HeadDrafter:
     """The head stored at `path` as a drafter for `target`; refused with a clear error if it was
     trained for another target."""
+    return head_drafter(open_head(path, target, target_name), path, target, fast=fast)
+
+
+def open_head(path: str | Path, target, target_name: str | None = None) -> HeadFile:
+    """The head file at `path`, checked to be for `target` (cheap: no drafter is built yet)."""
     stored = HeadFile.load(path)
     model = getattr(target, "model", None)
     if not isinstance(model, nn.Module):
@@ -401,6 +406,11 @@ def load_head_drafter(path: str | Path, target, target_name: str | None = None, 
         raise AdaspecError(f"the draft head {path} was trained for {stored.target!r}, not for "
                            f"{target_name or target.name!r}: use that target, or train a head for this one "
                            f"with `adaspec train-head --target {target_name or target.name}`")
+    return stored
+
+
+def head_drafter(stored: HeadFile, path: str | Path, target, *, fast: bool = True) -> HeadDrafter:
+    """The drafter of an opened head file (its int8 copy, the target's output rows, the feature tap)."""
     return HeadDrafter(stored.build(), target, stored.vocab, fast=fast,
                        source={"file": Path(path).name, "sha256": file_sha256(path), "target": stored.target,
                                "steps": stored.info.get("steps"), "tokens_seen": stored.info.get("tokens_seen")})

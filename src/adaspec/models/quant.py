@@ -260,7 +260,7 @@ def _quant_quiet():
 
 def _rowsum(qweight: torch.Tensor) -> torch.Tensor:
     """(out,) row sums of the dequantised weight: exact integer sums times each row's scale."""
-    ints = qweight.int_repr().sum(1, dtype=torch.int64).double()
+    ints = qweight.int_repr().sum(1, dtype=torch.int32).double()  # exact: |sum| <= 127 * in_features < 2^31
     return (ints * qweight.q_per_channel_scales().double()).float()
 
 
