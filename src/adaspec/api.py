@@ -214,7 +214,7 @@ def early_exit_drafter(target: ModelAdapter, n_layers: int) -> tuple[ModelDrafte
 
 def shipped_head(target) -> Path | None:
     """The draft head that ships for this target preset, checked against its recorded sha256."""
-    from adaspec.drafters.head import file_sha256
+    from adaspec.models.registry import file_sha256
 
     entry = SHIPPED_HEADS.get(target) if isinstance(target, str) else None
     if entry is None:

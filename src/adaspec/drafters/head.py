@@ -28,7 +28,6 @@ Training: training/head.py (`adaspec train-head`), docs/method.md ("Draft head")
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import time
@@ -43,6 +42,7 @@ from adaspec.config import AdaspecError
 from adaspec.drafters.base import DraftBuilder, DraftContext
 from adaspec.drafters.vocab import DraftVocab
 from adaspec.models.features import input_embedding, output_rows, tap
+from adaspec.models.registry import file_sha256
 from adaspec.records import Draft
 
 FORMAT = 1  # version of the head file layout
@@ -252,21 +252,6 @@ class HeadFile:
         return head.eval()
 
 
-def file_sha256(path: str | Path) -> str:
-    """The file's sha256, hashed once per version of the file (a loaded shipped head is checked
-    against its recorded hash, then its hash is recorded by the drafter: one read, not two)."""
-    path = Path(path).resolve()
-    st = path.stat()
-    return _sha256(str(path), st.st_size, st.st_mtime_ns)
-
-
-@functools.lru_cache(maxsize=16)
-def _sha256(path: str, size: int, mtime_ns: int) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ---- the drafter ---------------------------------------------------------------------------------------

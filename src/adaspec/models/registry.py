@@ -19,6 +19,7 @@ need not re-hash a gigabyte on every start; `pull()` always re-hashes.
 from __future__ import annotations
 
 import contextlib
+import functools
 import errno
 import hashlib
 import json
@@ -134,6 +135,21 @@ def sha256_file(path: Path) -> str:
         while chunk := f.read(CHUNK):
             h.update(chunk)
     return h.hexdigest()
+
+
+def file_sha256(path: str | Path) -> str:
+    """The file's sha256, hashed once per version of the file (size and modification time): a local
+    GGUF is keyed by it for its converted and its packed copy, and a shipped head is checked against
+    its recorded hash and then recorded by its drafter; one read each, not two. Verifying a pulled
+    file re-reads it on purpose (sha256_file)."""
+    path = Path(path).resolve()
+    st = path.stat()
+    return _sha256_of_version(str(path), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _sha256_of_version(path: str, size: int, mtime_ns: int) -> str:
+    return sha256_file(Path(path))
 
 
 def _stamp_path(final: Path) -> Path:
@@ -391,7 +407,7 @@ def load_pretrained(source: str, *, dtype: torch.dtype = torch.float32, device: 
     if resolved.gguf_file is None or not convert_cache:
         return load_hf(resolved.location, gguf_file=resolved.gguf_file, **kwargs)
     gguf = resolved.gguf_path
-    sha = resolved.sha256 or sha256_file(gguf)  # a local GGUF is keyed by its own checksum
+    sha = resolved.sha256 or file_sha256(gguf)  # a local GGUF is keyed by its own checksum
     root = cache_dir() / (preset.name if preset is not None else "local")
     try:
         folder = cc.ensure_converted(gguf, sha, dtype, root)
@@ -415,7 +431,7 @@ def pack_cache(source: str):
     resolved = resolve(source)
     if resolved.gguf_file is None:
         return None
-    folder = PackCache(cache_dir() / "local", sha256_file(resolved.gguf_path), "")
+    folder = PackCache(cache_dir() / "local", file_sha256(resolved.gguf_path), "")
     return PackCache(folder.root, folder.sha256, f"delete {folder.folder} (the next q4k load packs it again)")
 
 
