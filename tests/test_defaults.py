@@ -20,9 +20,15 @@ from adaspec.models.tiny import ByteTokenizer, perturbed_copy, tiny_model
 from test_calibrate import make_profile
 
 
-def test_auto_quantisation_is_q4k_for_gguf_models_and_int8_for_other_real_ones_on_the_cpu():
+def test_auto_quantisation_is_q4k_for_gguf_models_and_int8_for_other_real_ones_on_the_cpu(monkeypatch):
+    from adaspec.models import q4k
+
+    monkeypatch.setattr(q4k, "vectorised_here", lambda: True)
     assert resolve_quant("auto", "qwen2.5-coder-1.5b") == "q4k"  # a preset: a GGUF file
     assert resolve_quant("auto", "/some/model.GGUF") == "q4k"
+    monkeypatch.setattr(q4k, "vectorised_here", lambda: False)  # a CPU without AVX-512 VNNI: int8
+    assert resolve_quant("auto", "qwen2.5-coder-1.5b") == "int8"
+    monkeypatch.undo()
     assert resolve_quant("auto", "/some/model-folder") == "int8"
     assert resolve_quant("auto", "Qwen/Qwen2.5-Coder-1.5B-Instruct") == "int8"  # a hub id
     assert resolve_quant("auto", "tiny") is None  # the toy models stay as built

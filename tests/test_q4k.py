@@ -53,6 +53,10 @@ def test_fused_layers_give_each_layer_its_own_outputs_bit_for_bit():
         q4k.fuse_q4k([parts[0], q4k.Q4KLinear(random_weights(16, 256))])
 
 
+def test_the_cpu_flags_and_the_built_kernel_agree_on_the_vectorised_path():
+    assert q4k.vectorised_here() == q4k.kernel().has_vnni()  # what --quant auto reads, without a build
+
+
 def test_tiles_need_sixteen_outputs_and_256_inputs():
     with pytest.raises(ValueError, match="multiple of 16"):
         q4k.pack_tiles(random_weights(8, 256))

@@ -58,18 +58,21 @@ SHIPPED_HEADS: dict[str, tuple[str, str]] = {
 def resolve_quant(quant: str | None, source, *, device: str = "cpu", dtype: torch.dtype = torch.float32) -> str | None:
     """The quantisation a model loads with. "auto" (the default), for a real float32 model on the
     CPU: q4k where the model comes from a GGUF file (a preset or a .gguf path: its own Q4_K
-    weights, the fastest form measured, docs/runtime.md), int8 otherwise (a model folder, a hub
-    id); none for the built-in toy models, adapters passed in, GPUs and other dtypes. "none" or
-    None: as loaded; "int8" / "q4k": that."""
+    weights, the fastest form measured, docs/runtime.md) and the CPU runs the vectorised Q4_K
+    kernel (AVX-512 VNNI), int8 otherwise (a model folder, a hub id, another CPU); none for the
+    built-in toy models, adapters passed in, GPUs and other dtypes. "none" or None: as loaded;
+    "int8" / "q4k": that."""
     if quant not in (None, *QUANTS):
         raise AdaspecError(f"unknown quantisation {quant!r}; choose one of {', '.join(QUANTS)}")
     if quant == "auto":
         real = isinstance(source, str) and source not in TOY_MODELS
         if not (real and dtype == torch.float32 and torch.device(device).type == "cpu"):
             return None
+        from adaspec.models.q4k import vectorised_here
         from adaspec.models.registry import PRESETS
 
-        return "q4k" if source in PRESETS or source.lower().endswith(".gguf") else "int8"
+        gguf = source in PRESETS or source.lower().endswith(".gguf")
+        return "q4k" if gguf and vectorised_here() else "int8"
     return None if quant == "none" else quant
 
 

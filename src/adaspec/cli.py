@@ -45,8 +45,8 @@ def add_model_args(p: argparse.ArgumentParser, *, drafter: bool = True) -> None:
     p.add_argument("--quant", choices=QUANTS, default="auto",
                    help="quantise linear layers for the CPU: int8 (per-channel weights, per-row activations), "
                         "q4k (a GGUF model's own Q4_K weights, int8 for the rest: the fastest, docs/runtime.md) or none; auto "
-                        "(default) is q4k for float32 models from a GGUF file (presets, .gguf paths) on the CPU, int8 "
-                        "for other real models, none otherwise. Quantising is "
+                        "(default) is q4k for float32 models from a GGUF file (presets, .gguf paths) on a CPU with "
+                        "AVX-512 VNNI, int8 for other real models or CPUs, none otherwise. Quantising is "
                         "slightly lossy versus float32; speculation stays lossless versus the quantised target")
     p.add_argument("--target-runtime", choices=("auto", "hf"), default="auto",
                    help="auto: a q4k Llama-family target runs on adaspec's own runtime (exact rows, fused Q4_K "

@@ -53,6 +53,19 @@ def kernel():
                 extra_ldflags=["-fopenmp"], verbose=False)
 
 
+@cache
+def vectorised_here() -> bool:
+    """Whether this CPU runs the vectorised kernel (AVX-512 with VNNI), read from the CPU's flags
+    without building the kernel; elsewhere the portable loop is exact but far slower than fbgemm's
+    int8, so `--quant auto` picks int8 there."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= set(flags)
+
+
 def unpack_q4k(raw: np.ndarray) -> dict[str, torch.Tensor]:
     """GGUF Q4_K rows (N, K/256 * 144) uint8 -> the kernel's tensors qs (N, K/2) uint8, sc and mn
     (N, K/32) uint8, d and dm (N, K/256) float32."""
