@@ -158,28 +158,35 @@ def write_marker(dest: Path, gguf_name: str, sha256: str, dtype: torch.dtype, **
                                            **extra, "files": _stamp(dest)}, indent=1))
 
 
+def drop_damaged(root: Path, pattern: str) -> list[Path]:
+    """Delete every finished cache folder under `root` matching the glob `pattern` whose files no
+    longer match their stamps (`damaged`); returns the folders deleted."""
+    dropped = []
+    for folder in sorted(Path(root).glob(pattern)):
+        if folder.is_dir() and is_complete(folder) and damaged(folder) is not None:
+            shutil.rmtree(folder)
+            dropped.append(folder)
+    return dropped
+
+
 def repair(root: Path, gguf: Path, sha256: str) -> list[Path]:
     """Rebuild every damaged converted copy of `gguf` under `root`; returns the folders rebuilt."""
-    rebuilt = []
-    for folder in sorted(Path(root).glob(f"converted-{sha256[:12]}-*")):
-        if folder.is_dir() and is_complete(folder) and damaged(folder) is not None:
-            dtype = getattr(torch, folder.name.rsplit("-", 1)[1])
-            shutil.rmtree(folder)
-            ensure_converted(gguf, sha256, dtype, root)
-            rebuilt.append(folder)
+    rebuilt = drop_damaged(root, f"converted-{sha256[:12]}-*")
+    for folder in rebuilt:
+        ensure_converted(gguf, sha256, getattr(torch, folder.name.rsplit("-", 1)[1]), root)
     return rebuilt
 
 
-def ensure_converted(gguf: Path, sha256: str, dtype: torch.dtype, root: Path) -> Path:
-    """The converted copy of `gguf` (whose checksum is `sha256`) for `dtype`, creating it if needed."""
-    dest = converted_dir(root, sha256, dtype)
-    if is_complete(dest):
-        return dest
+def publish(root: Path, dest: Path, write) -> None:
+    """Fill a cache folder under a temporary name beside `dest` with `write(folder)` (which writes
+    the marker last), then rename it to `dest`. An unfinished `dest` (no marker) is replaced; a
+    finished one that another process wrote meanwhile is kept. The temporary folder never
+    outlives the call; OSErrors reach the caller."""
     Path(root).mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{dest.name}.tmp-"))
     tmp.chmod(0o755)  # mkdtemp's 0700 would hide the copy from other users of a shared cache
     try:
-        convert(Path(gguf), tmp, dtype, sha256)
+        write(tmp)
         if dest.exists() and not is_complete(dest):
             shutil.rmtree(dest)  # a copy without its marker was never finished
         try:
@@ -187,10 +194,19 @@ def ensure_converted(gguf: Path, sha256: str, dtype: torch.dtype, root: Path) ->
         except OSError:
             if not is_complete(dest):  # else another process finished the same copy first: use it
                 raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def ensure_converted(gguf: Path, sha256: str, dtype: torch.dtype, root: Path) -> Path:
+    """The converted copy of `gguf` (whose checksum is `sha256`) for `dtype`, creating it if needed."""
+    dest = converted_dir(root, sha256, dtype)
+    if is_complete(dest):
+        return dest
+    try:
+        publish(root, dest, lambda tmp: convert(Path(gguf), tmp, dtype, sha256))
     except OSError as e:
         if e.errno == errno.ENOSPC:
             raise _disk_full(Path(root), None) from e
         raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return dest

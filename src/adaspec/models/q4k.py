@@ -27,7 +27,6 @@ speculation rests on. CPUs without AVX-512 VNNI run a portable loop that gives t
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -265,47 +264,30 @@ def _apply_packed(model: torch.nn.Module, folder: Path) -> list[str]:
 
 
 def _save_packed(packed: dict[str, dict[str, torch.Tensor]], cache: PackCache, gguf_name: str) -> None:
-    """Write the folder under a temporary name and rename it once complete (marker last). A cache
-    that cannot be written only costs the next load its speed: that is logged, not raised."""
+    """Write the folder (convert_cache.publish: under a temporary name, marker last, then renamed). A
+    cache that cannot be written only costs the next load its speed: that is logged, not raised."""
     import logging
-    import shutil
-    import tempfile
 
     from safetensors.torch import save_file
 
     from adaspec.models import convert_cache as cc
 
-    tmp = None
-    try:
-        Path(cache.root).mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=cache.root, prefix=f".{cache.folder.name}.tmp-"))
-        tmp.chmod(0o755)
+    def write(tmp: Path) -> None:
         save_file({f"{name}.{part}": t.contiguous() for name, parts in packed.items() for part, t in parts.items()},
                   str(tmp / PACKED_FILE))
         (tmp / cc.MARKER).write_text(json.dumps({"gguf": gguf_name, "sha256": cache.sha256, "format": "q4k",
                                                  "version": PACK_VERSION, "files": cc._stamp(tmp)}, indent=1))
-        if cache.folder.exists() and not cc.is_complete(cache.folder):
-            shutil.rmtree(cache.folder)  # a copy without its marker was never finished
-        if not cc.is_complete(cache.folder):  # else another process finished the same copy first
-            os.rename(tmp, cache.folder)
+
+    try:
+        cc.publish(cache.root, cache.folder, write)
     except OSError as e:
         logging.getLogger("adaspec").warning("could not keep the packed Q4_K layers in %s (%s); the next load "
                                              "packs them again", cache.root, e.strerror or e)
-    finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def drop_damaged(root: Path, sha256: str) -> list[Path]:
     """Delete every damaged packed copy of the GGUF with this checksum under `root` (the next q4k load
     packs it again); returns the folders deleted."""
-    import shutil
-
     from adaspec.models import convert_cache as cc
 
-    dropped = []
-    for folder in sorted(Path(root).glob(f"q4k-{sha256[:12]}-v*")):
-        if folder.is_dir() and cc.is_complete(folder) and cc.damaged(folder) is not None:
-            shutil.rmtree(folder)
-            dropped.append(folder)
-    return dropped
+    return cc.drop_damaged(root, f"q4k-{sha256[:12]}-v*")
