@@ -129,3 +129,35 @@ def test_load_aware_caps_shrink_speculation_as_the_batch_grows():
     assert load_aware_caps([0.05] * 4, [8] * 4, steep, 0.05) == [0, 0, 0, 0]  # a drafter that is never right
     flat = lambda n: 1.0  # noqa: E731
     assert load_aware_caps([0.9, 0.2], [4, 4], flat, 0.0) == [4, 4]  # free rows and free drafts: draft all
+
+
+def test_batched_drafting_prices_rounds_not_tokens():
+    """Drafting together, a round of drafter forwards costs about one forward whatever the number
+    of sequences in it, so a crowd keeps drafting where drafting alone would stop."""
+    gentle = lambda n: 1.0 + 0.02 * (n - 1)  # noqa: E731
+    for rates in ([0.7], [0.3]):  # one sequence: a round is its own forward either way
+        assert load_aware_caps(rates, [8], gentle, 0.3) == load_aware_caps(rates, [8], gentle, 0.3, batched_drafts=True)
+    alone = load_aware_caps([0.7] * 8, [8] * 8, gentle, 0.3)
+    together = load_aware_caps([0.7] * 8, [8] * 8, gentle, 0.3, batched_drafts=True)
+    assert sum(together) > sum(alone) and min(together) >= 1
+    assert load_aware_caps([0.02] * 4, [8] * 4, gentle, 0.3, batched_drafts=True) == [0, 0, 0, 0]
+
+
+def test_greedy_sequences_draft_in_one_forward_per_round_and_sampled_ones_alone(engine, monkeypatch):
+    batched: list[int] = []  # sequences per drafter forward
+    original = engine.drafter.extend_batch
+
+    def counting(slots, ids, logits=None):
+        batched.append(len(slots))
+        return original(slots, ids, logits)
+
+    monkeypatch.setattr(engine.drafter, "extend_batch", counting)
+    prompts = [_ids(8 + i, 40 + i).tolist() for i in range(4)]
+    greedy = generate_batch(engine, prompts, [_cfg("fixed")] * 4)
+    assert max(batched) == 4  # four greedy sequences drafting together
+    monkeypatch.setattr(engine.drafter, "extend_batch", original)
+    assert [r.token_ids for r in greedy] == [generate_batch(engine, [p], [_cfg("fixed")])[0].token_ids for p in prompts]
+    batched.clear()
+    monkeypatch.setattr(engine.drafter, "extend_batch", counting)
+    generate_batch(engine, prompts, [_cfg("fixed", temperature=1.0, seed=i) for i in range(4)])
+    assert batched and max(batched) == 1  # each sampled sequence drafts on its own

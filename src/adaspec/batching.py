@@ -4,18 +4,23 @@ for all of them, each with its own adaptive speculation.
 A step of the `Batcher`:
 1. **Draft lengths for the load** (`load_aware_caps`): each decoding sequence i gets a cap k_i that
    maximises the batch's expected committed tokens per unit of time,
-       sum_i E_i(k_i) / (sum_i k_i * D + T(sum_i (k_i + 1) + prefill rows)),
+       sum_i E_i(k_i) / (drafting + T(sum_i (k_i + 1) + prefill rows)),
    with E_i(k) = 1 + a_i + ... + a_i^k under its per-token acceptance a_i (a Beta posterior on what
-   the sequence has accepted so far, prior MODEL_PRIOR), D the drafter's cost per token and T(n) the
-   target's cost of a forward over n rows (the profile's measured cost model, else the fallback).
+   the sequence has accepted so far, prior MODEL_PRIOR), T(n) the target's cost of a forward over
+   n rows (the profile's measured cost model, else the fallback) and drafting the cost of the
+   drafting rounds: round r is one drafter forward over the n_r sequences drafting at least r
+   tokens, priced D * T(n_r) / T(1) with D the drafter's cost per token.
    Caps grow one token at a time where that raises the ratio most; at low load this is close to
    the sequence's own policy, at high load speculation shrinks towards plain decoding by itself.
    The sequence's own length policy still decides within its cap. Sampled sequences are not capped:
    the tokens a seed draws depend on the draft lengths, and a sampled request must give the same
    tokens for its seed whatever else runs (its rows count at its k_max for the others' caps).
-2. **Drafting**: each sequence's drafter proposes on its own cache (a `SlotView` of the shared
-   drafter model: one forward per drafted token and sequence; drafting is not batched across
-   sequences yet).
+2. **Drafting** (`Batcher.draft`): each sequence's drafter proposes on its own cache (a `SlotView`
+   of the shared drafter model), and the greedy sequences' drafter forwards run together: round r
+   is one `extend_batch` over the sequences still drafting (`Decoding.propose_steps`; each
+   sequence's length policy still stops its own draft). Sampled sequences draft alone (see
+   `Batcher.draft`). Until session 8 every sequence drafted alone, one forward per drafted token
+   and sequence, which cost more than the target's forward at eight sequences.
 3. **One target forward** (`FastDecoder.extend_batch`): the rows of every sequence's
    [unseen committed tokens, drafts] and of one prefill chunk per waiting prompt are stacked for
    the linear layers; attention is per row against the row's own sequence. With the int8 runtime
@@ -158,7 +163,7 @@ class Batcher:
         decoding = [s for s in self.running if s.decoding and not s.run.done]
         waiting = [s for s in self.running if not s.decoding]
         caps = self.caps(decoding, sum(self._chunk(s) for s in waiting))
-        drafts: list[Draft] = [s.run.propose(cap) for s, cap in zip(decoding, caps)]
+        drafts = self.draft(decoding, caps)
         slots, feeds, want = [], [], []
         for s, draft in zip(decoding, drafts):
             slots.append(s.view.slot)
@@ -188,6 +193,38 @@ class Batcher:
         self.running = [s for s in self.running if not s.done]
         return touched
 
+    def draft(self, decoding: list[Sequence], caps: list[int | None]) -> list[Draft]:
+        """Every decoding sequence's draft. The drafter model's forwards of the greedy sequences run
+        together: round r is one `extend_batch` over the sequences still drafting, each row against
+        its own slot (`Decoding.propose_steps`). A drafter forward's numbers may depend on the other
+        rows (a drafter's int8 layers quantise a forward with one range), which can change a greedy
+        draft but never the committed tokens; a sampled sequence's draft feeds its rejection
+        sampling, so it drafts alone and its tokens for a seed do not depend on the load."""
+        drafts: list[Draft | None] = [None] * len(decoding)
+        waiting: list[tuple[int, object, tuple]] = []  # (index, steps, (adapter, ids) it asks to run)
+        for i, (s, cap) in enumerate(zip(decoding, caps)):
+            if not s.run.cfg.sampling.greedy:
+                drafts[i] = s.run.propose(cap)
+                continue
+            steps = s.run.propose_steps(cap)
+            try:
+                waiting.append((i, steps, next(steps)))
+            except StopIteration as done:
+                drafts[i] = done.value
+        while waiting:
+            mine = [w for w in waiting if isinstance(w[2][0], SlotView) and w[2][0].decoder is self.drafter]
+            outs = dict(zip((w[0] for w in mine), self.drafter.extend_batch(
+                [w[2][0].slot for w in mine], [w[2][1] for w in mine]))) if mine else {}
+            still = []
+            for i, steps, (adapter, ids) in waiting:
+                logits = outs[i] if i in outs else adapter.extend(ids)  # a drafter of its own (the head, ...)
+                try:
+                    still.append((i, steps, steps.send(logits)))
+                except StopIteration as done:
+                    drafts[i] = done.value
+            waiting = still
+        return drafts
+
     def _chunk(self, s: Sequence) -> int:
         return min(self.settings.prefill_chunk, s.run.prompt.shape[0] - 1 - s.prefilled)
 
@@ -199,7 +236,7 @@ class Batcher:
         extra = prefill_rows + sum(1 + max(s.run.plan.spec.k_max or 0, s.run.plan.spec.k or 0) for s in decoding if not s.run.cfg.sampling.greedy)
         limits = [max(0, min(s.run.finish.room - 1, 64)) for s in greedy]
         caps = iter(load_aware_caps([_acceptance(s.run) for s in greedy], limits, self._cost, self.drafter_ms,
-                                    extra_rows=extra))
+                                    extra_rows=extra, batched_drafts=True))  # greedy sequences draft together
         return [next(caps) if s.run.cfg.sampling.greedy else None for s in decoding]
 
     def _cost(self, rows: int) -> float:
@@ -215,12 +252,52 @@ def _acceptance(run: Decoding) -> float:
 
 
 def load_aware_caps(rates: list[float], limits: list[int], target_ms: Callable[[int], float], drafter_ms: float,
-                    *, extra_rows: int = 0) -> list[int]:
-    """Draft lengths k_i <= limits[i] maximising sum_i E_i(k_i) / (sum_i k_i D + T(sum_i (k_i + 1) + extra_rows)),
-    E_i(k) = sum_{j<=k} a_i^j: grown one token at a time, each time where the ratio rises most."""
+                    *, extra_rows: int = 0, batched_drafts: bool = False) -> list[int]:
+    """Draft lengths k_i <= limits[i] maximising sum_i E_i(k_i) / (drafting + T(sum_i (k_i + 1) + extra_rows)),
+    E_i(k) = sum_{j<=k} a_i^j.
+
+    Sequences drafting alone: drafting = sum_i k_i * D, and the caps grow one token at a time, each
+    time where the ratio rises most. With batched_drafts the cost is that of rounds: round r is one
+    drafter forward over the n_r sequences drafting at least r tokens, priced D * T(n_r) / T(1)
+    (the target's growth with rows standing for the drafter's). A round's price is shared, so the
+    caps grow a round at a time: round r takes the m sequences of round r - 1 whose next token is
+    most likely accepted, m chosen for the highest ratio, while that ratio rises."""
+    if not rates:
+        return []
+    if not batched_drafts:
+        return _caps_alone(rates, limits, target_ms, drafter_ms, extra_rows)
+    n, unit = len(rates), target_ms(1)
+    ks, powers = [0] * n, [1.0] * n  # a_i^k_i
+    total, rows, drafting = float(n), 0, 0.0  # sum_i E_i, drafted rows, drafting cost
+
+    def ratio(gained: float, added: int, cost: float) -> float:
+        return (total + gained) / (drafting + cost + target_ms(rows + added + n + extra_rows))
+
+    now, members = ratio(0.0, 0, 0.0), list(range(n))
+    while True:
+        members = sorted((i for i in members if ks[i] < limits[i]), key=lambda i: -powers[i] * rates[i])
+        best, best_ratio, gained = 0, now, 0.0
+        for m, i in enumerate(members, start=1):
+            gained += powers[i] * rates[i]
+            r = ratio(gained, m, drafter_ms * target_ms(m) / unit)
+            if r > best_ratio + 1e-12:
+                best, best_ratio = m, r
+        if not best:
+            return ks
+        members = members[:best]
+        for i in members:
+            powers[i] *= rates[i]
+            total += powers[i]
+            ks[i] += 1
+        rows += best
+        drafting += drafter_ms * target_ms(best) / unit
+        now = best_ratio
+
+
+def _caps_alone(rates: list[float], limits: list[int], target_ms: Callable[[int], float], drafter_ms: float,
+                extra_rows: int) -> list[int]:
+    """load_aware_caps when every sequence drafts alone: grown one token at a time."""
     ks = [0] * len(rates)
-    if not ks:
-        return ks
     gains = [1.0] * len(rates)  # E_i(k_i)
     powers = [1.0] * len(rates)  # a_i^k_i
 

@@ -20,7 +20,7 @@ from collections.abc import Generator
 import torch
 
 from adaspec.config import AdaspecError, GenerationConfig, SamplingConfig
-from adaspec.drafters.base import DraftContext, Drafter
+from adaspec.drafters.base import DraftContext, Drafter, DraftSteps
 from adaspec.models.base import ModelAdapter, absorb
 from adaspec.plan import Speculation, prepare, resolve_knobs
 from adaspec.records import Draft, Result, Stats, StepOutcome, TraceStep, Verdict
@@ -144,9 +144,24 @@ class Decoding:
 
     def propose(self, cap: int | None = None) -> Draft:
         """The step's draft: at most what the length policy, the room left and `cap` allow."""
-        self.ledger.start_step()
-        max_k = min(self.policy.propose_length(), self.finish.room - 1, cap if cap is not None else self.finish.room)
+        max_k = self._start_step(cap)
         draft = propose(self.drafter, self.committed, max_k, self.ctx)
+        self.ledger.drafted()
+        return draft
+
+    def _start_step(self, cap: int | None) -> int:
+        self.ledger.start_step()
+        return min(self.policy.propose_length(), self.finish.room - 1, cap if cap is not None else self.finish.room)
+
+    def propose_steps(self, cap: int | None = None) -> DraftSteps:
+        """`propose` one drafter forward at a time (drafters/base.py), for a scheduler that runs the
+        drafters of many sequences in one batched forward; a drafter without ``steps`` proposes at once."""
+        max_k = self._start_step(cap)
+        steps = getattr(self.drafter, "steps", None)
+        if steps is not None and max_k > 0:
+            draft = yield from steps(self.committed, max_k, self.ctx)
+        else:
+            draft = propose(self.drafter, self.committed, max_k, self.ctx)
         self.ledger.drafted()
         return draft
 

@@ -8,12 +8,17 @@ state the drafter keeps beyond that (a KV cache over rejected drafts) must be fo
 The loop reads two counters of every drafter for its statistics: ``forwards`` (model forwards
 run) and ``signal_s`` (seconds spent computing signals and asking the policy, which the loop books
 as overhead rather than drafting).
+
+A drafter that runs a model may also offer ``steps(seq, max_k, ctx)``: the same proposal as a
+generator that yields each forward it needs, ``(adapter, ids)``, receives that forward's logits
+(n, V), and returns the Draft. `run_steps` runs it alone (what ``propose`` does); the batch
+scheduler (batching.py) runs the forwards of many sequences' drafters as one batched forward.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -61,6 +66,19 @@ class Drafter(Protocol):
     def commit(self, valid_len: int) -> None:
         """The first valid_len tokens of the sequence are final; forget anything past them."""
         ...
+
+
+DraftSteps = Generator[tuple[object, torch.Tensor], torch.Tensor, Draft]  # yields (adapter, ids), gets logits
+
+
+def run_steps(steps: DraftSteps) -> Draft:
+    """Run a drafter's steps alone: each forward on its own adapter (``adapter.extend(ids)``)."""
+    try:
+        adapter, ids = next(steps)
+        while True:
+            adapter, ids = steps.send(adapter.extend(ids))
+    except StopIteration as done:
+        return done.value
 
 
 class DraftBuilder:

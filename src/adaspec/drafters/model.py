@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from adaspec.drafters.base import DraftBuilder, DraftContext
+from adaspec.drafters.base import DraftBuilder, DraftContext, DraftSteps, run_steps
 from adaspec.models.base import ModelAdapter, absorb
 from adaspec.records import Draft
 
@@ -43,10 +43,14 @@ class ModelDrafter:
             self.forwards += 1
 
     def propose(self, seq: torch.Tensor, max_k: int, ctx: DraftContext) -> Draft:
+        return run_steps(self.steps(seq, max_k, ctx))
+
+    def steps(self, seq: torch.Tensor, max_k: int, ctx: DraftContext) -> DraftSteps:
+        """`propose` one forward at a time (drafters/base.py): yields (adapter, ids), gets the logits."""
         feed = seq[self.offset + self.adapter.length :]  # (n,) committed tokens not yet in the cache
         build = DraftBuilder(ctx, self.vocab_size, self.draft_ids)
         for _ in range(max_k):
-            logits = self.adapter.extend(feed)[-1]  # (V,), or (N,) over a pruned vocabulary
+            logits = (yield self.adapter, feed)[-1]  # (V,), or (N,) over a pruned vocabulary
             self.forwards += 1
             token, keep = build.add(logits, max_k)
             if not keep:

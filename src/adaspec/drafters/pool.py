@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from adaspec.drafters.base import DraftContext, Drafter
+from adaspec.drafters.base import DraftContext, Drafter, DraftSteps, run_steps
 from adaspec.drafters.ngram import NGramDrafter
 from adaspec.policies.cost import best_draft, cost_table, fallback_target_cost
 from adaspec.records import Draft
@@ -167,13 +167,18 @@ class DrafterPool:
             d.begin(prompt)
 
     def propose(self, seq: torch.Tensor, max_k: int, ctx: DraftContext) -> Draft:
+        return run_steps(self.steps(seq, max_k, ctx))
+
+    def steps(self, seq: torch.Tensor, max_k: int, ctx: DraftContext) -> DraftSteps:
+        """`propose` one forward at a time (drafters/base.py): the chosen model drafter's forwards."""
         opts, cont = self.options(seq, max_k)
         self.last_options = opts
         choice = self.select(opts) if self.select is not None else max(opts, key=lambda o: o.goodput)
         k = min(max(choice.k, 0), choice.limit)
         if k and choice.name != "ngram":
             drafter = next(d for d, _ in self.models if d.name == choice.name)
-            draft = drafter.propose(seq, k, ctx)
+            inner = getattr(drafter, "steps", None)
+            draft = (yield from inner(seq, k, ctx)) if inner is not None else drafter.propose(seq, k, ctx)
             if draft.signals:
                 h = float(draft.signals[0].entropy)  # host sync: one scalar per step
                 self.regime_entropy = self.ema * self.regime_entropy + (1 - self.ema) * h
