@@ -221,6 +221,35 @@ def test_cost_aware_reads_the_profile_and_looks_past_a_cost_step(pair):
     assert drafted_length(fallback, [sig(0.99)] * 10) == 8 and drafted_length(fallback, [sig(0.05)] * 10) == 1
 
 
+def test_a_drafter_that_prices_itself_is_steered_by_its_own_token_probability(pair):
+    """The draft head's policy: a_i is the drafter's probability of its token (not C, not the
+    profile's acceptance model, fitted to another drafter), its cost is its own price, and the
+    target's cost model still comes from the profile."""
+    class Priced:
+        def __init__(self, price):
+            self.price = price
+
+        def priced(self):
+            return self.price
+
+    def signals(p_token, c):
+        s = sig(c)
+        s.p_token = torch.tensor(p_token)
+        return s
+
+    spec = SpecConfig(method="head")
+    cheap, dear = Priced(0.01), Priced(2.0)
+    pessimist = make_profile(*pair, intercept=-8.0, weights=(0.0, 0.0, 0.0))  # its own model says a = 0.0003
+    # sure of its tokens though C is low: drafts to k_max, whatever the profile's acceptance model says
+    assert drafted_length(make_cost_aware(spec, pessimist, cheap), [signals(0.98, 0.05)] * 10) == spec.resolved().k_max
+    # unsure though C is high: stops at the first token
+    assert drafted_length(make_cost_aware(spec, None, cheap), [signals(0.05, 0.99)] * 10) == 1
+    # a price of two target forwards a token never pays for a second token
+    assert drafted_length(make_cost_aware(spec, None, dear), [signals(0.9, 0.9)] * 10) == 1
+    steep = make_profile(*pair, target_ms={1: 1.0, 2: 2.0, 4: 4.0, 8: 8.0, 16: 16.0})
+    assert drafted_length(make_cost_aware(spec, steep, cheap), [signals(0.9, 0.9)] * 10) == 1  # the profile's T(n)
+
+
 # ---- lossless end to end ---------------------------------------------------------------------------
 
 PROMPTS = [[5], [1, 2, 3], [200, 17, 99, 3, 45, 45, 45], list(range(30, 60))]

@@ -210,6 +210,17 @@ def test_a_damaged_shipped_head_is_refused_with_the_way_out(monkeypatch):
         api.shipped_head(api.DEFAULT_TARGET)
 
 
+def test_a_head_is_priced_once_and_a_given_price_is_kept(monkeypatch):
+    target = HFAdapter(_model("qwen2", 0), "t")
+    head = HeadDrafter(_head(target), target, _vocab(target, 150))
+    measured = []
+    monkeypatch.setattr(head, "relative_cost", lambda: measured.append(1) or 0.07)
+    assert head.priced() == head.priced() == 0.07 and len(measured) == 1
+    engine = Engine(target)
+    engine.use_head(HeadDrafter(_head(target), target, _vocab(target, 150)), cost=0.03)
+    assert engine.head.priced() == 0.03  # what method "head" and the pool price it at
+
+
 def test_a_head_priced_at_zero_or_less_is_refused():
     target = HFAdapter(_model("qwen2", 0), "t")
     engine = Engine(target)

@@ -294,8 +294,9 @@ class Engine:
 
     def use_head(self, head: HeadDrafter | str | Path, *, pool: bool = False, cost: float | None = None) -> None:
         """Draft with this head (a HeadDrafter, or the path of a head file for this target): method
-        ``head``; pool=True also makes it one more drafter of the pool methods, priced by its cost
-        measured here, or by `cost` (a drafted token as a fraction of a target forward) when given.
+        ``head``; pool=True also makes it one more drafter of the pool methods. Both price it by its
+        cost measured here (HeadDrafter.priced), or by `cost` (a drafted token as a fraction of a
+        target forward) when given.
         Off by default: the shipped head did not help the pool in any run (docs/method.md, "Draft head")."""
         if cost is not None and not cost > 0:
             raise AdaspecError(f"a head's cost is a positive fraction of a target forward, got {cost!r}")
@@ -304,8 +305,10 @@ class Engine:
             self._head, self._head_file = head, None
         else:  # checked now; its drafter (int8 copy, output rows, feature tap: seconds) is built at first use
             self._head, self._head_file = None, (open_head(head, self.target, self.target_name), head)
+        if cost is not None:
+            self.head.price = float(cost)
         if pool:
-            self.extra_drafters.append((self.head, self.head.relative_cost() if cost is None else float(cost)))
+            self.extra_drafters.append((self.head, self.head.priced()))
 
     @property
     def head(self) -> HeadDrafter | None:

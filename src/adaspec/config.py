@@ -86,7 +86,7 @@ METHODS: dict[str, Method] = {
     "entropy": Method("entropy", "entropy-tau", "model"),
     "ngram": Method("fixed", "exact", "ngram"),
     "multi-draft": Method("cmasd", "confidence-tau", "pool"),
-    "head": Method("cmasd", "exact", "head"),
+    "head": Method("cost-aware", "exact", "head"),  # priced by the head itself (policies/cost.py)
     # Calibrated methods read a pair's profile (`adaspec calibrate`; docs/calibration.md).
     "entropy-calibrated": Method("entropy", "entropy-tau", "model", calibrated=True),
     "cost-aware": Method("cost-aware", "exact", "model", calibrated=True),

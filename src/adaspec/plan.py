@@ -59,6 +59,6 @@ def prepare(spec: SpecConfig, drafter: Drafter | None, profile=None) -> Speculat
         drafter = None
     rule = "exact" if spec.lossless else VERIFY_RULES[spec.verify_rule]
     return Speculation(spec=spec, drafter=drafter,
-                       length=make_length_policy(spec, profile) if drafter is not None else NoDraft(),
+                       length=make_length_policy(spec, profile, drafter) if drafter is not None else NoDraft(),
                        thresholds=make_threshold_policy(spec), rule=rule,
                        signals=SignalSettings(spec.lambdas, spec.logit_scale, spec.signal))

@@ -282,6 +282,7 @@ class HeadDrafter:
         self.cfg, self.vocab = head.cfg, vocab
         self.cache = HeadCache()
         self.real = 0  # entries computed from the target's own features
+        self.price: float | None = None  # cost of a drafted token per one-token target forward (priced)
         self.forwards = 0
         self.signal_s = 0.0
 
@@ -346,6 +347,14 @@ class HeadDrafter:
         self.cache.length = self.real = 0
         self.forwards = 0
         return head_ms / target_ms
+
+    def priced(self) -> float:
+        """relative_cost(), measured the first time it is asked for and kept (the cost-aware length
+        policy of method ``head`` and the drafter pool price the head with it). Call it between
+        requests: the measurement uses the target's cache."""
+        if self.price is None:
+            self.price = self.relative_cost()
+        return self.price
 
     def commit(self, valid_len: int) -> None:
         # entries past `real` were drafted from the head's own features; entry j needs token j+1

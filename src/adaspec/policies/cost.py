@@ -120,9 +120,20 @@ class CostAware(LengthPolicy):
         return False
 
 
-def make_cost_aware(spec: SpecConfig, profile=None) -> CostAware:
-    """The policy from a calibration profile, or on the documented fallbacks without one."""
+def make_cost_aware(spec: SpecConfig, profile=None, drafter=None) -> CostAware:
+    """The policy from a calibration profile, or on the documented fallbacks without one.
+
+    A drafter that prices itself (`priced()`: its cost per drafted token as a fraction of a one-token
+    target forward, measured once; the draft head) is steered by its own probability of each token
+    it drafts as a_i, on the target's cost model from the profile (it does not depend on the
+    drafter) or the fallback: a profile's acceptance model was fitted to another drafter's signals.
+    A head trained by distillation on the target's distribution gives probabilities close to its
+    acceptance (docs/method.md, "Draft head")."""
     spec = spec.resolved()
+    priced = getattr(drafter, "priced", None)
+    if callable(priced):
+        target_ms = profile.cost.target_cost if profile is not None else fallback_target_cost
+        return CostAware(lambda s: s.p_token, priced() * target_ms(1), target_ms, spec.k_min, spec.k_max)
     if profile is None:
         return CostAware(lambda s: s.confidence, FALLBACK_DRAFTER, fallback_target_cost,
                          spec.k_min, spec.k_max)

@@ -123,9 +123,10 @@ class EntropyThreshold(LengthPolicy):
         return i + 1 < self.k_min or float(sig.entropy) <= self.threshold
 
 
-def make_length_policy(spec: SpecConfig, profile=None) -> LengthPolicy:
+def make_length_policy(spec: SpecConfig, profile=None, drafter=None) -> LengthPolicy:
     """The policy a resolved spec names; `cost-aware` reads a calibration profile
-    (calibration.profile.Profile), or falls back to its documented defaults when there is none."""
+    (calibration.profile.Profile), or falls back to its documented defaults when there is none, and
+    a drafter that prices itself (the draft head) steers it with its own probabilities."""
     spec = spec.resolved()  # knobs still unset get their fallbacks
     kind = spec.length_policy
     if kind == "none":
@@ -141,5 +142,5 @@ def make_length_policy(spec: SpecConfig, profile=None) -> LengthPolicy:
     if kind == "entropy":
         return EntropyThreshold(spec.entropy_threshold, spec.k_min, spec.k_max)
     if kind == "cost-aware":
-        return make_cost_aware(spec, profile)
+        return make_cost_aware(spec, profile, drafter)
     raise ValueError(f"unknown length policy {kind!r}")

@@ -270,8 +270,10 @@ def losses(head: DraftHead, batch: dict, frozen: Frozen, settings: TrainSettings
         n = ok.sum().clamp_min(1)
         ce_m, reg_m = (ce * ok).sum() / n, (reg * ok).sum() / n
         agree = ((logits.argmax(-1) == col[..., 0]) & ok).sum() / n
+        sure = (logq.detach().max(-1).values.exp() * ok).sum() / n  # the head's own probability of its top-1
         total = total + ce_m + settings.reg_weight * reg_m
-        parts.append({"pass": s, "ce": float(ce_m.detach()), "reg": float(reg_m.detach()), "top1": float(agree)})
+        parts.append({"pass": s, "ce": float(ce_m.detach()), "reg": float(reg_m.detach()), "top1": float(agree),
+                      "p_top1": float(sure)})
     return total / len(outs), parts
 
 
@@ -340,12 +342,14 @@ def train(target, rows: list[dict], vocab: DraftVocab, folder: Path, settings: T
             for i in range(0, len(held), settings.batch):
                 _, parts = losses(head, batch_of(held[i : i + settings.batch], frozen), frozen, settings, train=False)
                 for part in parts:
-                    acc = sums.setdefault(part["pass"], {"pass": part["pass"], "ce": 0.0, "top1": 0.0, "n": 0})
-                    acc["ce"] += part["ce"]
-                    acc["top1"] += part["top1"]
+                    acc = sums.setdefault(part["pass"], {"pass": part["pass"], "ce": 0.0, "top1": 0.0, "p_top1": 0.0,
+                                                         "n": 0})
+                    for key in ("ce", "top1", "p_top1"):
+                        acc[key] += part[key]
                     acc["n"] += 1
         head.train()
-        return [{"pass": a["pass"], "ce": a["ce"] / a["n"], "top1": a["top1"] / a["n"]} for a in sums.values()]
+        # p_top1 beside top1: how well the head's own probability predicts agreement (its policy reads it)
+        return [{"pass": a["pass"], **{key: a[key] / a["n"] for key in ("ce", "top1", "p_top1")}} for a in sums.values()]
 
     head.train()
     while state.step < settings.steps:
@@ -367,7 +371,8 @@ def train(target, rows: list[dict], vocab: DraftVocab, folder: Path, settings: T
         if state.step % settings.eval_every == 0 or state.step == settings.steps:
             record["held_out"] = evaluate()
             log(f"step {state.step}/{settings.steps}  {state.tokens} tokens  {state.seconds / 60:.1f} min  "
-                f"held-out top-1 " + ", ".join(f"pass {e['pass']} {e['top1']:.3f}" for e in record["held_out"]))
+                f"held-out top-1 (head's own probability) " + ", ".join(
+                    f"pass {e['pass']} {e['top1']:.3f} ({e['p_top1']:.3f})" for e in record["held_out"]))
         with curve.open("a") as f:
             f.write(json.dumps(record) + "\n")
         if state.step % settings.save_every == 0 or state.step == settings.steps:
@@ -413,8 +418,8 @@ def curve_points(folder: Path) -> Iterator[dict]:
 
 
 def plot_curve(folder: Path, out: Path) -> bool:
-    """The learning curve as a PNG: held-out top-1 agreement with the target per pass, and the
-    training loss, against tokens seen. False when matplotlib is missing (the `bench` extra)."""
+    """The learning curve as a PNG: held-out top-1 agreement with the target per pass (and, dashed,
+    the head's own mean probability of its top-1), and the training loss, against tokens seen. False when matplotlib is missing (the `bench` extra)."""
     try:
         import matplotlib
 
@@ -433,6 +438,9 @@ def plot_curve(folder: Path, out: Path) -> bool:
     for i, colour in zip(range(len(evals[0]["held_out"]) if evals else 0), ("tab:blue", "tab:orange", "tab:green")):
         right.plot([p["tokens"] / 1e6 for p in evals], [p["held_out"][i]["top1"] for p in evals], marker="o",
                    color=colour, label=f"pass {i + 1} (draft token {i + 1})")
+        sure = [(p["tokens"] / 1e6, p["held_out"][i]["p_top1"]) for p in evals if "p_top1" in p["held_out"][i]]
+        if sure:  # the head's own probability of its top-1 (curves before session 8 lack it)
+            right.plot(*zip(*sure), linestyle="--", color=colour, label=f"pass {i + 1}: head's own probability")
     right.set(xlabel="training tokens seen (millions)", ylabel="top-1 agreement with the target",
               title="held-out sequences")
     right.legend(loc="lower right")
