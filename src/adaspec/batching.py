@@ -60,6 +60,7 @@ class BatchSettings:
     max_kv_tokens: int = 65536  # prompt + max_new_tokens, summed over admitted sequences
     prefill_chunk: int = 256  # prompt tokens prefilled per sequence and step
     max_rows: int = 512  # rows of one target forward: a prefill chunk that would pass it waits
+    batch_drafts: bool = True  # greedy sequences run their drafter forwards together (Batcher.draft)
 
     def validate(self) -> "BatchSettings":
         for name in ("max_batch", "max_kv_tokens", "prefill_chunk", "max_rows"):
@@ -203,7 +204,7 @@ class Batcher:
         drafts: list[Draft | None] = [None] * len(decoding)
         waiting: list[tuple[int, object, tuple]] = []  # (index, steps, (adapter, ids) it asks to run)
         for i, (s, cap) in enumerate(zip(decoding, caps)):
-            if not s.run.cfg.sampling.greedy:
+            if not (s.run.cfg.sampling.greedy and self.settings.batch_drafts):
                 drafts[i] = s.run.propose(cap)
                 continue
             steps = s.run.propose_steps(cap)
@@ -236,7 +237,7 @@ class Batcher:
         extra = prefill_rows + sum(1 + max(s.run.plan.spec.k_max or 0, s.run.plan.spec.k or 0) for s in decoding if not s.run.cfg.sampling.greedy)
         limits = [max(0, min(s.run.finish.room - 1, 64)) for s in greedy]
         caps = iter(load_aware_caps([_acceptance(s.run) for s in greedy], limits, self._cost, self.drafter_ms,
-                                    extra_rows=extra, batched_drafts=True))  # greedy sequences draft together
+                                    extra_rows=extra, batched_drafts=self.settings.batch_drafts))
         return [next(caps) if s.run.cfg.sampling.greedy else None for s in decoding]
 
     def _cost(self, rows: int) -> float:

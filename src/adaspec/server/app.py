@@ -63,6 +63,7 @@ class ServerSettings:
     max_batch: int = 8  # requests decoding together (continuous batching); 1 = one at a time
     max_kv_tokens: int = 65536  # prompt + max_tokens summed over the requests in the batch
     prefill_chunk: int = 256  # prompt tokens prefilled per request and step while others decode
+    batch_drafts: bool = True  # the greedy requests' drafter forwards run together (batching.Batcher.draft)
 
     def validate(self) -> "ServerSettings":
         if not (isinstance(self.queue_size, int) and self.queue_size >= 1):
@@ -79,7 +80,8 @@ class ServerSettings:
         from adaspec.batching import BatchSettings
 
         return BatchSettings(max_batch=self.max_batch, max_kv_tokens=self.max_kv_tokens,
-                             prefill_chunk=self.prefill_chunk, max_rows=max(512, self.prefill_chunk)).validate()
+                             prefill_chunk=self.prefill_chunk, max_rows=max(512, self.prefill_chunk),
+                             batch_drafts=self.batch_drafts).validate()
 
 
 class ClientGone(Exception):

@@ -40,6 +40,9 @@ def register(subparsers) -> None:
                    help="prompt + max_tokens summed over the batch; a request beyond it waits (default 65536)")
     s.add_argument("--prefill-chunk", type=int, default=256,
                    help="prompt tokens prefilled per request and step while others decode (default 256)")
+    s.add_argument("--no-batch-drafts", action="store_false", dest="batch_drafts",
+                   help="each request drafts alone, one drafter forward per token and request, instead of the "
+                        "greedy requests drafting together (for comparison)")
     s.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     r = p.add_argument_group("Ray Serve (docs/scaling.md; needs `pip install -e \".[ray]\"`)")
     r.add_argument("--ray", action="store_true",
@@ -69,7 +72,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
         method=a.method, defaults=option_values(a), api_key=a.api_key or os.environ.get("ADASPEC_API_KEY") or None,
         queue_size=a.queue_size, request_timeout=a.request_timeout, max_body_bytes=a.max_body_bytes,
         model_name=a.model_name, max_batch=a.max_batch, max_kv_tokens=a.max_kv_tokens,
-        prefill_chunk=a.prefill_chunk).validate()  # before loading weights: a typo should not cost a model load
+        prefill_chunk=a.prefill_chunk, batch_drafts=a.batch_drafts).validate()  # before loading weights: a typo should not cost a model load
     if not settings.api_key and not _is_loopback(a.host):
         print(f"adaspec: warning: serving on {a.host} without an API key: anyone who can reach it can use it",
               file=sys.stderr)
