@@ -170,3 +170,16 @@ def test_a_head_for_another_target_is_not_a_starting_point(tmp_path):
     with pytest.raises(AdaspecError, match="trained for other"):
         training.train(target, rows, vocab, tmp_path / "w", training.TrainSettings(held_out=1, steps=1), "t",
                        init=stored)
+
+
+def test_an_answer_is_scored_from_the_row_that_predicts_its_first_token():
+    from adaspec.drafters.vocab import DraftVocab
+    from adaspec.training.head import Frozen, batch_of
+
+    target = _target()
+    frozen = Frozen.of(target.model, DraftVocab(torch.arange(V), V))
+    row = {"ids": torch.arange(10, 20, dtype=torch.int32), "feats": torch.zeros(10, 64, dtype=torch.float16),
+           "top_ids": torch.zeros(10, 2, dtype=torch.int32), "top_logp": torch.zeros(10, 2, dtype=torch.float16)}
+    batch = batch_of([{**row, "prompt_len": 4}, row], frozen)
+    assert batch["valid"][0].tolist() == [False] * 3 + [True] * 7  # row 3 predicts the answer's first token
+    assert batch["valid"][1].all()  # a corpus piece: every row

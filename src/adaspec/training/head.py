@@ -200,7 +200,10 @@ class Frozen:
 
 
 def batch_of(rows: list[dict], frozen: Frozen) -> dict[str, torch.Tensor]:
-    """Pad a list of sequences (right padding, masked out) into tensors for one step."""
+    """Pad a list of sequences (right padding, masked out) into tensors for one step. A row with a
+    `prompt_len` (the target's answers) is scored only where the target predicts its answer: its
+    prompt's features are read, but the target's distributions over the user's text are left out
+    of the loss and of the agreement figures (the head drafts answers)."""
     T = max(r["ids"].numel() for r in rows)
     B, H, K = len(rows), rows[0]["feats"].shape[1], rows[0]["top_ids"].shape[1]
     ids = torch.zeros(B, T, dtype=torch.long)
@@ -214,7 +217,7 @@ def batch_of(rows: list[dict], frozen: Frozen) -> dict[str, torch.Tensor]:
         feats[b, :n] = r["feats"].float()
         top_col[b, :n] = frozen.column[r["top_ids"].long()]
         top_p[b, :n] = r["top_logp"].float().exp()
-        valid[b, :n] = True
+        valid[b, max(0, int(r.get("prompt_len", 0)) - 1) : n] = True  # from the row that predicts the answer's first token
     with torch.no_grad():
         embeds = frozen.embed(ids)
     return {"ids": ids, "feats": feats, "embeds": embeds, "top_col": top_col, "top_p": top_p, "valid": valid}
