@@ -3,7 +3,8 @@
 
     python experiments/head_cost.py --head src/adaspec/drafters/heads/qwen2.5-coder-1.5b-head.safetensors
 
-After a 200-token context, interleaved, median of --reps, int8 everywhere (as the engine runs):
+After a 200-token context, interleaved, median of --reps, in one quantisation everywhere (--quant,
+default auto: q4k where the vectorised Q4_K kernel runs, as the engine runs):
 - the target's one-token forward (the engine's runtime), and its 5-token forward;
 - one drafted token of the head: its one-row layer step and its N-row head (drafters/head.py);
 - one drafted token of the 0.5B drafter on its fast runtime, full 151,936-row head and cut to the
@@ -19,7 +20,7 @@ import time
 
 import torch
 
-from adaspec.api import load_model
+from adaspec.api import load_model, resolve_quant
 from adaspec.calibration.identity import device_name
 from adaspec.drafters.head import HeadFile, load_head_drafter
 
@@ -31,14 +32,16 @@ def main() -> None:
     p.add_argument("--head", required=True)
     p.add_argument("--reps", type=int, default=15)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--quant", default="auto", help="auto (as the engine), int8 or q4k")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
-    target, tok = load_model(TARGET, quant="int8")
+    quant = resolve_quant(a.quant, TARGET)
+    target, tok = load_model(TARGET, quant=quant)
     head = load_head_drafter(a.head, target, TARGET)
     vocab = HeadFile.load(a.head).vocab
-    full, _ = load_model(DRAFTER, quant="int8", role="drafter")
-    cut, _ = load_model(DRAFTER, quant="int8", role="drafter", draft_vocab=vocab)
-    print(f"machine: {device_name(torch.device('cpu'))}, {a.threads} threads; head vocabulary {vocab.size} ids")
+    full, _ = load_model(DRAFTER, quant=quant, role="drafter")
+    cut, _ = load_model(DRAFTER, quant=quant, role="drafter", draft_vocab=vocab)
+    print(f"machine: {device_name(torch.device('cpu'))}, {a.threads} threads, {quant}; head vocabulary {vocab.size} ids")
 
     ids = torch.tensor(tok.encode('def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n' * 20)[:CONTEXT + 6])
     target.reset()

@@ -166,7 +166,9 @@ def answer(target, prompts: list[list[int]], folder: Path, *, answer_tokens: int
     running: list[_Running] = []
     finished: list[dict] = []
     shard = len(list(folder.glob("shard-*.pt")))
-    answered = len(done)
+    answered = len(prompts) - len(todo)
+    if progress is not None:
+        progress(answered, len(prompts))  # what earlier runs answered
 
     def flush(force: bool = False) -> None:
         nonlocal shard
