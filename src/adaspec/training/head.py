@@ -11,7 +11,7 @@ Three stages, each writing into one work folder so that a stopped run picks up w
    (ShareGPT's opening turns, none overlapping an evaluation prompt), features kept as it decodes,
    many prompts at once. They come first in the training rows, so the held-out sequences are
    answers: the text the head will draft.
-2. **Features** (`extract`): the target (as it runs: int8 on the CPU) teacher-forced over every
+2. **Features** (`extract`): the target (as it decodes: q4k or int8 on the CPU) teacher-forced over every
    sequence; per position its final hidden state (float16) and the top `top_k` of its next-token
    distribution (ids and log-probabilities), in shards of `shard_size` sequences. Existing shards
    are kept.
