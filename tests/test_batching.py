@@ -161,6 +161,12 @@ def test_greedy_sequences_draft_in_one_forward_per_round_and_sampled_ones_alone(
     monkeypatch.setattr(engine.drafter, "extend_batch", counting)
     generate_batch(engine, prompts, [_cfg("fixed", temperature=1.0, seed=i) for i in range(4)])
     assert batched and max(batched) == 1  # each sampled sequence drafts on its own
-    batched.clear()
-    alone = generate_batch(engine, prompts, [_cfg("fixed")] * 4, BatchSettings(batch_drafts=False))
-    assert max(batched) == 1 and [r.token_ids for r in alone] == [r.token_ids for r in greedy]  # --no-batch-drafts
+    batched.clear()  # --no-batch-drafts, with drafting priced free so that every sequence drafts
+    batcher = Batcher(engine, BatchSettings(batch_drafts=False))
+    batcher.drafter_ms = 0.0
+    seqs = [batcher.admit(p, _cfg("fixed")) for p in prompts]
+    while batcher.running:
+        batcher.step()
+    alone = [s.run.result() for s in seqs]
+    assert all(r.stats.drafted > 0 for r in alone)
+    assert batched and max(batched) == 1 and [r.token_ids for r in alone] == [r.token_ids for r in greedy]

@@ -122,6 +122,29 @@ def test_drafter_with_a_short_context_reads_only_the_prompts_tail_and_keeps_outp
         assert got.stats.drafted > 0
 
 
+@pytest.mark.parametrize("context", [None, 12])
+def test_a_lazy_drafter_reads_the_prompt_with_its_first_draft(pair, context):
+    """lazy=True (the batch scheduler's): begin feeds nothing; the first draft feeds the prompt
+    (its tail, with a context) in its first forward and proposes what an eager drafter proposes."""
+    from adaspec.drafters.base import DraftContext
+
+    target, draft_model = pair
+    prompt = torch.tensor(list(range(40, 70)))
+    ctx = DraftContext(make_config("fixed").sampling)
+    drafts = {}
+    for lazy in (False, True):
+        drafter = ModelDrafter(draft_model, context=context, lazy=lazy)
+        drafter.begin(prompt)
+        assert draft_model.length == (0 if lazy else (context or len(prompt)) - 1)
+        drafts[lazy] = drafter.propose(prompt, 4, ctx).tokens.tolist()
+        assert draft_model.length == (context or len(prompt)) + 3  # the prompt (tail) and 3 drafts fed
+    assert drafts[True] == drafts[False] and len(drafts[True]) == 4
+    ar = generate_ids(target, None, prompt.tolist(), make_config("ar", max_new_tokens=24, ignore_eos=True))
+    got = generate_ids(target, ModelDrafter(draft_model, context=context, lazy=True), prompt.tolist(),
+                       make_config("fixed", max_new_tokens=24, ignore_eos=True))
+    assert got.token_ids == ar.token_ids and got.stats.drafted > 0
+
+
 def test_draft_context_is_a_request_knob_and_must_be_positive(pair):
     target, draft_model = pair
     with pytest.raises(ValueError, match="at least 1"):

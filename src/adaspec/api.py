@@ -414,7 +414,8 @@ class Engine:
         if self.drafter is None and not (kind == "pool" and extras):
             raise AdaspecError(f"method {spec.method!r} needs a drafter model: load one, or use method='ar' "
                                "or method='ngram'")
-        model = None if self.drafter is None else ModelDrafter(view or self.drafter, context=spec.draft_context)
+        model = None if self.drafter is None else \
+            ModelDrafter(view or self.drafter, context=spec.draft_context, lazy=batched)
         if kind == "model":
             return model
         return self._pool(ngram, model, extras, spec)

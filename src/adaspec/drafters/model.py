@@ -20,15 +20,22 @@ class ModelDrafter:
     context: read at most this many of the prompt's last tokens (None: all). The cache then holds
     ``seq[offset:]``. Prefilling a long prompt is a cost plain decoding never pays; a shorter
     context only changes what is proposed, never what is committed.
+
+    lazy: ``begin`` reads nothing; the first draft feeds the prompt with its first forward. The
+    batch scheduler (batching.py) uses this: the drafter's prompt forwards of the requests joining
+    together then run in one batched forward with the others' drafts, and a request whose
+    load-aware cap stays at zero never pays for a drafter prefill.
     """
 
-    def __init__(self, adapter: ModelAdapter, name: str | None = None, context: int | None = None):
+    def __init__(self, adapter: ModelAdapter, name: str | None = None, context: int | None = None,
+                 lazy: bool = False):
         if context is not None and context < 1:
             raise ValueError(f"a drafter's context must be at least 1 token, got {context}")
         self.adapter = adapter
         self.name = name or "model"
         self.vocab_size = adapter.vocab_size
         self.context = context
+        self.lazy = lazy
         self.offset = 0  # sequence position of the drafter's first cached token
         self.forwards = 0
         self.signal_s = 0.0  # time spent on signals and policy decisions (overhead accounting)
@@ -38,7 +45,7 @@ class ModelDrafter:
     def begin(self, prompt: torch.Tensor) -> None:
         self.adapter.reset()
         self.offset = max(0, prompt.shape[0] - self.context) if self.context is not None else 0
-        if prompt.shape[0] - self.offset > 1:
+        if not self.lazy and prompt.shape[0] - self.offset > 1:
             absorb(self.adapter, prompt[self.offset : -1])
             self.forwards += 1
 
