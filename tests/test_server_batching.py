@@ -4,7 +4,9 @@ alone, a client that leaves frees its slot within a step, and admission stays bo
 
 from __future__ import annotations
 
+import socket
 import threading
+from collections import Counter
 
 import pytest
 
@@ -108,3 +110,47 @@ def test_admission_is_bounded_with_429_and_retry_after():
         # at most max_batch running + queue_size waiting are taken; the rest are told when to retry
         assert 2 <= codes.count(200) <= 3 and codes.count(200) + codes.count(429) == 6, codes
         assert all(r and int(r) >= 1 for r in retry)
+
+
+def test_a_soak_run_with_cancellations_loses_nothing_and_leaves_the_server_idle(server):
+    """adaspec.bench.load.soak against the batching server: clients that keep sending, half of
+    their requests abandoned (streams closed after the first text, plain requests given up after
+    50 ms). Every request is answered or left by its client, and no abandoned one keeps a slot."""
+    from adaspec.bench import load
+
+    wait_until(lambda: httpx.get(server.url + "/health", timeout=5).json()["running"] == 0)
+    before = server.metrics()
+    target = load.Server.at(server.url)
+    report = load.soak(target, clients=4, seconds=3, max_tokens=300, cancel_every=2, abandon_after_s=0.05,
+                       timeout_s=60, extra={"ignore_eos": True})
+
+    def delta(name, **labels):
+        key = (name, tuple(sorted(labels.items())))
+        return server.metrics().get(key, 0.0) - before.get(key, 0.0)
+
+    assert report.ok, (report.outcomes, report.problems)
+    assert report.outcomes["completed"] > 0 and report.outcomes["abandoned"] > 0
+    assert report.sent == sum(report.outcomes[o] for o in ("completed", "abandoned", "busy"))
+    assert report.tokens == 300 * report.outcomes["completed"]
+    assert report.idle_after is True
+    # the server saw every request, and cancelled the generations whose clients left before their end
+    wait_until(lambda: sum(delta("adaspec_requests_total", endpoint="/v1/chat/completions", status=str(code))
+                           for code in (200, 429, 499)) == report.sent)
+    assert 0 < delta("adaspec_generations_total", outcome="cancelled") <= report.outcomes["abandoned"]
+    assert delta("adaspec_generations_total", outcome="length") >= report.outcomes["completed"]
+
+
+def test_the_load_generator_counts_what_goes_wrong():
+    """A request that gets no answer is lost, a 5xx and a 429 are told apart (load.request)."""
+    from adaspec.bench import load
+
+    with socket.socket() as s:  # a port nobody listens on: the connection is refused
+        s.bind(("127.0.0.1", 0))
+        nobody = load.Server(f"http://127.0.0.1:{s.getsockname()[1]}", "m")
+    lost = load.request(nobody, "hi", 4, timeout_s=5)
+    assert lost.outcome == "lost" and "ConnectError" in lost.why
+    assert load._refused(httpx.Response(429, headers={"Retry-After": "3"}), 0.0).retry_after == 3.0
+    assert load._refused(httpx.Response(503, text="down"), 0.0).outcome == "server_error"
+    assert load._refused(httpx.Response(400, text="bad"), 0.0).outcome == "client_error"
+    assert not load.SoakReport(1.0, 1, outcomes=Counter(lost=1)).ok
+    assert load.SoakReport(1.0, 1, outcomes=Counter(completed=3, busy=2), idle_after=True).ok
