@@ -130,7 +130,7 @@ def main() -> None:
     if a.soak:
         print("| server | clients | seconds | requests | " + " | ".join(load.OUTCOMES)
               + " | completed tok/s | idle after |")
-        print("|---" * (7 + len(load.OUTCOMES)) + "|")
+        print("|---" * (6 + len(load.OUTCOMES)) + "|")
     else:
         print("| server | clients | requests | aggregate tok/s | per-client tok/s | TTFT p50 s | TTFT p95 s | "
               "latency mean s |")

@@ -122,6 +122,17 @@ def test_answering_resumes_from_its_shards(tmp_path, monkeypatch):
     answer(target, prompts, tmp_path, answer_tokens=6, batch=2, top_k=2, shard_size=2)
     assert done_prompts(tmp_path) == {0, 1, 2, 3}
     assert sum(fed) == 2 * (3 + 5)  # only prompts 2 and 3: 3 prompt rows and 5 fed answer tokens each
+    # what was answered is read from the shards' indexes, not from the shards themselves ...
+    assert sorted(p.name for p in tmp_path.glob("shard-*")) == \
+        ["shard-0000.json", "shard-0000.pt", "shard-0001.json", "shard-0001.pt"]
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("a shard was read"))
+    assert done_prompts(tmp_path) == {0, 1, 2, 3}
+    monkeypatch.undo()
+    # ... and a shard whose index is missing or torn is read once and indexed again
+    (tmp_path / "shard-0000.json").unlink()
+    (tmp_path / "shard-0001.json").write_text("[2, ")
+    assert done_prompts(tmp_path) == {0, 1, 2, 3}
+    assert json.loads((tmp_path / "shard-0001.json").read_text()) in ([2, 3], [3, 2])
 
 
 def test_answers_need_the_fast_runtime(tmp_path):

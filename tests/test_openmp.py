@@ -10,12 +10,12 @@ import sys
 
 import pytest
 
-from adaspec.openmp import _libgomp
+from adaspec.models.openmp import _libgomp
 
 SCRIPT = r"""
 import json, os, threading
 import torch
-from adaspec.openmp import release_pool
+from adaspec.models.openmp import release_pool
 
 def threads():
     return len(os.listdir("/proc/self/task"))
@@ -64,7 +64,7 @@ def test_release_pool_frees_the_helpers_and_the_thread_stays_serial():
 
 
 def test_release_pool_says_when_there_is_nothing_to_release(monkeypatch):
-    import adaspec.openmp as openmp
+    import adaspec.models.openmp as openmp
 
     monkeypatch.setattr(openmp, "_libgomp", lambda: None)
     assert openmp.release_pool(serial=True) is False

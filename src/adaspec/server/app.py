@@ -41,7 +41,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from adaspec.api import Engine, make_config
 from adaspec.config import SPEC_KNOBS, AdaspecError
-from adaspec.openmp import release_pool
+from adaspec.models.openmp import release_pool
 from adaspec.server.metrics import Metrics
 from adaspec.server.schemas import (APIError, ChatRequest, CompletionRequest, Kind, chunk_body, response_body,
                                     usage_chunk)
@@ -138,7 +138,7 @@ class Service:
     async def lifespan(self, app: FastAPI):
         # The event loop's thread (under `adaspec serve`, the one that loaded the models) gives its
         # OpenMP pool up, so the worker's is the only one: two pools on a machine with as many
-        # CPUs as one needs slow every forward by ~1.7x (openmp.py).
+        # CPUs as one needs slow every forward by ~1.7x (models/openmp.py).
         release_pool(serial=True)
         self.worker.start()
         try:

@@ -231,6 +231,7 @@ class Replica:
         import torch
 
         import adaspec
+        from adaspec.models.openmp import release_pool
         from adaspec.server.app import create_app
 
         cores = _pin(threads, pin)
@@ -239,6 +240,7 @@ class Replica:
         self.hub = hub(app_name)
         self.app = create_app(engine, settings, render_metrics=self._fleet_metrics)
         self.service = self.app.state.service
+        release_pool(serial=True)  # this thread loaded the models; the worker's pool must be the only one
         self.service.worker.start()  # the app's lifespan, which no ASGI server runs here
         self._stop = threading.Event()
         threading.Thread(target=self._report, name="adaspec-metrics-report", daemon=True).start()

@@ -143,11 +143,27 @@ class _Running:
 
 
 def done_prompts(folder: Path) -> set[int]:
-    """Indices of the prompts whose answers are in the shards of `folder`."""
+    """Indices of the prompts whose answers are in the shards of `folder`, from each shard's index
+    (`shard-NNNN.json`, its prompt indices, written beside it) without reading the shard; a shard
+    without a readable index is read once and indexed."""
     done: set[int] = set()
     for path in sorted(folder.glob("shard-*.pt")):
-        done |= {int(r["prompt"]) for r in torch.load(path)}
+        try:
+            done |= set(json.loads(path.with_suffix(".json").read_text()))
+            continue
+        except (OSError, ValueError):
+            pass
+        prompts = [int(r["prompt"]) for r in torch.load(path)]
+        _write_index(path, prompts)
+        done |= set(prompts)
     return done
+
+
+def _write_index(shard: Path, prompts: list[int]) -> None:
+    index = shard.with_suffix(".json")
+    tmp = index.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(prompts))
+    tmp.rename(index)
 
 
 def answer(target, prompts: list[list[int]], folder: Path, *, answer_tokens: int, batch: int, top_k: int,
@@ -177,6 +193,7 @@ def answer(target, prompts: list[list[int]], folder: Path, *, answer_tokens: int
             path = folder / f"shard-{shard:04d}.pt"
             tmp = path.with_suffix(".tmp")
             torch.save(part, tmp)
+            _write_index(path, [int(r["prompt"]) for r in part])  # before the shard: no shard without its index
             tmp.rename(path)  # a shard is either whole or absent
             shard += 1
 
