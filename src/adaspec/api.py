@@ -51,7 +51,7 @@ SHIPPED_PROFILES = {(DEFAULT_TARGET, DEFAULT_DRAFTER, "q4k"): "qwen2.5-coder-q4k
 # Trained by `adaspec train-head` (docs/method.md, "Draft head"; curve in docs/results/draft-head).
 SHIPPED_HEADS: dict[str, tuple[str, str]] = {
     DEFAULT_TARGET: ("qwen2.5-coder-1.5b-head.safetensors",
-                     "5e82e0f161db5abe39b6384f437683e411c75eb858b23bb981a9c6ba92753736"),
+                     "00ef5c96955dac17ff357d5c9c1b303086fbf9927f36c54b81d2e1995ccf1d3d"),
 }
 
 
