@@ -6,10 +6,10 @@ threads than the machine has CPUs, libgomp stops spinning between parallel regio
 spins instead of about 3 ms) and puts its helpers to sleep after each one, so every small
 operator pays a futex wake-up. The server hits exactly this: the models are loaded on the main
 thread (one pool) and run on the worker thread (a second pool). Measured on a 2-core Intel Xeon
-(q4k target, 2 threads): one target forward over 8 rows took 114 ms on the thread that loaded the
-model, 193 ms on another thread, and 114 ms on that other thread once the loading thread's pool
-was released (`omp_pause_resource_all`); eight requests of 32 tokens batched on a worker thread
-took 13.9 s against 6.4 s on the main thread (docs/server.md, "Threads").
+(q4k target, 2 threads; `python experiments/omp_pools.py`): one target forward over 8 rows took
+122 ms on the thread that loaded the model, 199 ms on another thread, and 121 ms on that other
+thread once the loading thread's pool was released (`omp_pause_resource_all`; docs/server.md,
+"Threads").
 
 `release_pool()` hands the CPUs over: the calling thread frees its pool, and with `serial=True`
 it also runs its own future torch work on one thread (torch's kernels, oneDNN and MKL), so it
