@@ -13,9 +13,11 @@ and the aggregate tok/s, with `--methods` naming more methods to compare (e.g. `
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
 from collections import defaultdict
+from unittest.mock import patch
 
 import torch
 
@@ -51,9 +53,17 @@ def run(engine, prompts: list[list[int]], method: str, max_tokens: int) -> None:
         drafter_rows.append(sum(int(f.shape[0]) for f in feeds))
         return drafter_extend(slots, feeds, **kw)
 
-    batcher.draft, batcher.target.extend_batch = timed_draft, timed_extend
-    if drafter_extend is not None:
-        batcher.drafter.extend_batch = counted_drafter
+    batcher.draft = timed_draft
+    # the models are the engine's: wrapped for this run only, so the next run wraps the originals
+    with patch.object(batcher.target, "extend_batch", timed_extend), \
+            (patch.object(batcher.drafter, "extend_batch", counted_drafter) if drafter_extend is not None
+             else contextlib.nullcontext()):
+        _steps(batcher, prompts, method, max_tokens, phases, clock, drafter_rows)
+
+
+def _steps(batcher: Batcher, prompts: list[list[int]], method: str, max_tokens: int, phases: dict, clock: dict,
+           drafter_rows: list[int]) -> None:
+    """Run the requests to their end; print the step table (see the module docstring)."""
     cfg = make_config(method, max_new_tokens=max_tokens, ignore_eos=True)
     seqs = [batcher.admit(ids, cfg) for ids in prompts]
     first: dict[int, float] = {}
@@ -63,13 +73,10 @@ def run(engine, prompts: list[list[int]], method: str, max_tokens: int) -> None:
         clock.clear()
         drafter_rows.clear()
         decoding = sum(1 for s in batcher.running if s.decoding)
+        kind = "prefill only" if decoding == 0 else "decode" if decoding == len(batcher.running) else "mixed"
         t = time.perf_counter()
         touched = batcher.step()
         total = time.perf_counter() - t
-        kind = "decode" if decoding == len(batcher.running) or not any(not s.decoding for s in batcher.running) \
-            else "mixed"
-        if decoding == 0:
-            kind = "prefill only"
         p = phases[kind]
         p["step ms"].append(total * 1e3)
         p["draft ms"].append(clock.get("draft", 0.0) * 1e3)
