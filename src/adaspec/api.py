@@ -104,7 +104,8 @@ def load_model(source: str | ModelAdapter, *, dtype: torch.dtype = torch.float32
     fusing int8 projections copies their weights.
 
     quant: "auto" (q4k for a GGUF model on the CPU, int8 for another real one), "none", "int8" or "q4k"
-    (resolve_quant).
+    (resolve_quant). A q4k GGUF model is read from its packed copy (models/packed.py: what runs and
+    nothing else, built at the first load), except with draft_vocab, which cuts the float head first.
     draft_vocab (drafters only): a pruned drafting vocabulary, as a DraftVocab, its JSON file, or
     a size N (the N most frequent tokens of the default corpus, drafters/vocab.py); the output
     head is cut to those rows before quantisation.
@@ -126,6 +127,10 @@ def load_model(source: str | ModelAdapter, *, dtype: torch.dtype = torch.float32
         if source == "tiny-draft":
             adapter = perturbed_copy(adapter, noise=0.5, seed=1)
         tokenizer = ByteTokenizer()
+    elif quant == "q4k" and draft_vocab is None and _gguf_source(source):
+        from adaspec.models.registry import load_q4k
+
+        adapter, tokenizer = load_q4k(source)  # already in its q4k form (models/packed.py)
     else:
         from adaspec.models.registry import load_pretrained
 
@@ -135,7 +140,7 @@ def load_model(source: str | ModelAdapter, *, dtype: torch.dtype = torch.float32
         vocab = resolve_draft_vocab(draft_vocab, tokenizer, adapter)
         cut_output_head(getattr(adapter, "model", None), vocab.ids)
     if quant:
-        from adaspec.models.quant import quantize_adapter
+        from adaspec.models.quant import is_quantized, quantize_adapter
 
         gguf = pack = None
         if quant == "q4k" and (gguf := _gguf_file(source)) is not None:
@@ -143,7 +148,8 @@ def load_model(source: str | ModelAdapter, *, dtype: torch.dtype = torch.float32
 
             pack = pack_cache(source)
         # also makes attention row-wise (models/invariant.py)
-        adapter = quantize_adapter(adapter, quant, gguf=gguf, pack_cache=pack)
+        if not is_quantized(adapter):
+            adapter = quantize_adapter(adapter, quant, gguf=gguf, pack_cache=pack)
         drafter = role == "drafter"
         if (drafter and drafter_runtime == "auto") or (not drafter and target_runtime == "auto" and quant == "q4k"):
             from adaspec.models.fast import FastDecoder, supports
@@ -152,6 +158,10 @@ def load_model(source: str | ModelAdapter, *, dtype: torch.dtype = torch.float32
                 adapter = FastDecoder(adapter.model, adapter.name, exact_rows=not drafter)
     if vocab is not None:
         adapter = PrunedAdapter(adapter, vocab)
+    if quant == "q4k":
+        from adaspec.models.packed import release_freed_memory
+
+        release_freed_memory()  # fusing the projections above freed their loaded copies (0.12 GB for the pair)
     return adapter, tokenizer
 
 
@@ -186,6 +196,13 @@ def check_device(device: str) -> None:
         raise AdaspecError(f"device {device!r} asked for, but this torch sees no CUDA GPU: use --device cpu")
     if dev.type not in ("cpu", "cuda"):
         raise AdaspecError(f"device {device!r} is not supported: use cpu or cuda")
+
+
+def _gguf_source(source: str) -> bool:
+    """Whether `source` names a GGUF model (a preset, a .gguf file, a folder holding one), without pulling."""
+    from adaspec.models.registry import PRESETS, resolve
+
+    return source in PRESETS or (source not in TOY_MODELS and resolve(source).gguf_file is not None)
 
 
 def _gguf_file(source: str) -> str | None:

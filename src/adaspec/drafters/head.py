@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from adaspec.config import AdaspecError
 from adaspec.drafters.base import DraftBuilder, DraftContext
 from adaspec.drafters.vocab import DraftVocab
-from adaspec.models.features import input_embedding, output_rows, tap
+from adaspec.models.features import embedding_dtype, embedding_values, input_embedding, output_rows, tap
 from adaspec.models.registry import file_sha256
 from adaspec.records import Draft
 
@@ -186,12 +186,14 @@ def _round_up(n: int, m: int) -> int:
 
 def target_key(model: nn.Module) -> str:
     """What ties a head to its target: sha256 over the input embedding's shape and a strided sample
-    of its values. The embedding stays float under int8 quantisation, so one head serves the target
-    in float32 and in int8."""
-    weight = input_embedding(model).weight.detach()
-    flat = weight.reshape(-1)
-    sample = flat[:: max(1, flat.numel() // 4096)][:4096].float().contiguous().cpu()
-    h = hashlib.sha256(f"{tuple(weight.shape)};".encode())
+    of its values. The embedding's values are the same in float32, in int8 (it stays float) and in q4k
+    (the GGUF's own rows, de-quantised to the same floats), so one head serves the target in all three."""
+    embed = input_embedding(model)
+    shape = (embed.num_embeddings, embed.embedding_dim)
+    numel = shape[0] * shape[1]
+    flat = torch.arange(0, numel, max(1, numel // 4096))[:4096]
+    sample = embedding_values(embed, flat).float().contiguous().cpu()
+    h = hashlib.sha256(f"{shape};".encode())
     h.update(sample.numpy().tobytes())
     return h.hexdigest()
 
@@ -267,9 +269,9 @@ class HeadDrafter:
         if vocab.vocab_size != target.vocab_size:
             raise AdaspecError(f"the head's drafting vocabulary is for {vocab.vocab_size} tokens, the target "
                                f"{target.name} has {target.vocab_size}")
-        if head.cfg.hidden != input_embedding(model).weight.shape[1]:
+        if head.cfg.hidden != input_embedding(model).embedding_dim:
             raise AdaspecError(f"the head reads {head.cfg.hidden}-wide features, {target.name} has "
-                               f"{input_embedding(model).weight.shape[1]}")
+                               f"{input_embedding(model).embedding_dim}")
         self.target, self.name, self.vocab_size = target, name, target.vocab_size
         self.tap = tap(target)
         self.embed = input_embedding(model)
@@ -364,7 +366,7 @@ class HeadDrafter:
 
 def _int8_ok(target) -> bool:
     return (torch.device(target.device).type == "cpu" and "fbgemm" in torch.backends.quantized.supported_engines
-            and input_embedding(target.model).weight.dtype == torch.float32)
+            and embedding_dtype(input_embedding(target.model)) == torch.float32)
 
 
 def _int8(module: nn.Module) -> nn.Module:

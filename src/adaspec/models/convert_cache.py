@@ -9,6 +9,10 @@ is written under a temporary name and renamed once complete, so a crash leaves n
 looks usable. First and later loads then read the very same tensors: outputs do not depend on
 whether the cache was warm.
 
+A q4k load does not read this copy: it keeps its own packed copy (models/packed.py), which it
+builds from this copy when one exists, else from the GGUF in memory. This copy serves `--quant
+int8` and `none`, and q4k with a pruned drafting vocabulary.
+
 Every weight file is stamped in the marker with its size, modification time and sha256. A load
 checks size and time (cheap); a file whose time changed is re-hashed, and one that no longer
 matches is refused (`damaged`), never loaded: `adaspec models pull NAME` rebuilds it (`repair`).

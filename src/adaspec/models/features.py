@@ -35,11 +35,28 @@ def final_norm(model: nn.Module) -> nn.Module | None:
 
 
 def input_embedding(model: nn.Module) -> nn.Module:
+    """The model's token embedding: an nn.Embedding, or the GGUF file's own rows (models/packed.py)."""
+    from adaspec.models.packed import GGUFEmbedding
+
     get = getattr(model, "get_input_embeddings", None)
     embed = get() if callable(get) else getattr(model, "wte", None)
-    if not isinstance(embed, nn.Embedding):
+    if not isinstance(embed, nn.Embedding | GGUFEmbedding):
         raise AdaspecError(f"{type(model).__name__} has no token embedding a draft head can share")
     return embed
+
+
+def embedding_dtype(embed: nn.Module) -> torch.dtype:
+    """The dtype an embedding's rows come out in."""
+    return embed.weight.dtype if isinstance(embed, nn.Embedding) else embed.dtype
+
+
+def embedding_values(embed: nn.Module, flat: torch.Tensor) -> torch.Tensor:
+    """The values at flat indices `flat` of the (num_embeddings, embedding_dim) table, without
+    de-quantising a packed table whole."""
+    if isinstance(embed, nn.Embedding):
+        return embed.weight.detach().reshape(-1)[flat]
+    rows, where = torch.unique(flat // embed.embedding_dim, return_inverse=True)
+    return embed.rows(rows)[where, flat % embed.embedding_dim]
 
 
 def output_rows(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:

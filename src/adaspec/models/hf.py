@@ -57,7 +57,8 @@ class HFAdapter:
         self._cache_arg = "cache" if "cache" in forward else "past_key_values"  # transformers 5 renamed it
         config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         out = model.get_output_embeddings()
-        self.vocab_size = int(out.weight.shape[0]) if out is not None else int(config.vocab_size)
+        rows = getattr(out, "out_features", None) or (out.weight.shape[0] if out is not None else config.vocab_size)
+        self.vocab_size = int(rows)  # a quantised head (models/quant.py) has out_features, no float weight
         gen = getattr(model, "generation_config", None)
         self.eos_token_ids = _as_ids(getattr(gen, "eos_token_id", None)) or _as_ids(config.eos_token_id)
         self.max_length = next(

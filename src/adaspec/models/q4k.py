@@ -182,7 +182,9 @@ PACKED_PARTS = ("w4", "sc", "mn", "d", "dm")
 
 @dataclass(frozen=True)
 class PackCache:
-    """Where the packed Q4_K layers of one GGUF file are kept: `root/q4k-<sha256[:12]>-v<version>/`,
+    """Where the packed Q4_K layers of one GGUF file are kept for `apply_gguf` on a float model (the
+    q4k path with a pruned drafting vocabulary; a plain q4k load keeps the whole model packed instead,
+    models/packed.py): `root/q4k-<sha256[:12]>-v<version>/`,
     keyed by the file's checksum and the layout version, stamped like the converted float copy
     (models/convert_cache.py) and refused when damaged, with `fix` saying how to rebuild it."""
     root: Path

