@@ -91,9 +91,14 @@ def test_fused_int8_layers_equal_separate_calls_bit_for_bit():
     torch.manual_seed(0)
     linears = [torch.nn.Linear(48, out, bias=bias) for out, bias in ((32, True), (16, False), (16, True))]
     q = [Int8Linear.from_float(m) for m in linears]
-    fused = fuse_int8(q)
     x = torch.randn(5, 48)
-    assert torch.equal(fused(x), torch.cat([m(x) for m in q], dim=-1))
+    separate = torch.cat([m(x) for m in q], dim=-1)
+    fused = fuse_int8(q)
+    assert torch.equal(fused(x), separate)
+    assert all(m._held is None for m in q)  # the layers gave their copies up: fusing costs no memory
+    assert fuse_int8(q) is fused  # a second runtime over the same layers shares the fused one
+    assert torch.equal(torch.cat([m(x) for m in q], dim=-1), separate)  # rebuilt from the fused rows
+    assert torch.equal(q[1].weight_int8().int_repr(), Int8Linear.from_float(linears[1]).weight_int8().int_repr())
     with pytest.raises(ValueError, match="input width"):
         fuse_int8([q[0], Int8Linear.from_float(torch.nn.Linear(8, 4))])
 

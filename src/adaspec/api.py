@@ -100,8 +100,9 @@ def load_model(source: str | ModelAdapter, *, dtype: torch.dtype = torch.float32
     with exact rows (every row's logits independent of the other rows of its forward, as lossless
     verification needs) and its Q4_K projections fused (q, k, v; gate, up: one kernel call each, on
     the same weights, no copy): 60 against 67 ms per step of the 1.5B (docs/runtime.md).
-    target_runtime="hf" keeps transformers' forward. An int8 target stays on transformers' forward:
-    fusing int8 projections copies their weights.
+    target_runtime="hf" keeps transformers' forward. An int8 target stays on transformers' forward
+    (chosen while fusing int8 projections still copied their weights; it no longer does, and moving
+    int8 targets has not been measured end to end).
 
     quant: "auto" (q4k for a GGUF model on the CPU, int8 for another real one), "none", "int8" or "q4k"
     (resolve_quant). A q4k GGUF model is read from its packed copy (models/packed.py: what runs and

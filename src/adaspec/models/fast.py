@@ -16,7 +16,8 @@ gate, up: bit-identical, `fuse_int8`), and with ``exact_rows=False`` every int8 
 fbgemm dynamic-quantisation call (`DynamicInt8Linear`). A drafter's numbers only steer proposals,
 never what is committed, so this is free of any quality cost. A q4k target runs here with exact
 rows, its Q4_K projections fused on the same weights (`q4k.fuse_q4k`); an int8 target stays on
-transformers' forward by default, since fusing int8 projections copies their weights. The
+transformers' forward by default (chosen while fusing int8 projections copied their weights; since
+session 10 the separate layers give their copies up, `quant.fuse_int8`). The
 measurements behind these choices are in docs/method.md ("Drafter runtime") and docs/runtime.md.
 
 ``n_layers=n`` gives a drafter that runs only the first n layers, then the final norm and the LM

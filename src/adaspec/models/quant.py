@@ -87,9 +87,24 @@ class Int8Linear(nn.Module):
                  out_features: int, levels: int):
         super().__init__()
         self.in_features, self.out_features, self.levels = in_features, out_features, levels
-        self._packed = packed  # fbgemm's packed int8 weight (a torch ScriptObject), without the bias
+        self._held = packed  # fbgemm's packed int8 weight (a torch ScriptObject), without the bias
+        self._part_of: tuple[Int8Linear, int] | None = None  # (fused layer, first row) once fused: fuse_int8
         self.register_buffer("rowsum", rowsum)  # (out,) sum over k of the dequantised W[j, k]
         self.register_buffer("bias", bias)  # (out,) or None
+
+    @property
+    def _packed(self):
+        """The packed weight; a layer fused into another (fuse_int8) gave its copy up and gets its rows
+        back from the fused layer at its first own call (the same integers and scales)."""
+        if self._held is None:
+            fused, start = self._part_of
+            w = fused.weight_int8()
+            rows = slice(start, start + self.out_features)
+            with _quant_quiet():
+                self._held = _prepack(torch._make_per_channel_quantized_tensor(
+                    w.int_repr()[rows].contiguous(), w.q_per_channel_scales()[rows].contiguous(),
+                    w.q_per_channel_zero_points()[rows].contiguous(), 0))
+        return self._held
 
     @classmethod
     def from_float(cls, linear: nn.Linear, levels: int | None = None) -> "Int8Linear":
@@ -132,9 +147,20 @@ def fuse_int8(linears: list[Int8Linear]) -> Int8Linear:
     """One Int8Linear computing the outputs of several that read the same input (q, k, v; gate, up),
     concatenated. Bit-identical to calling them one by one: each output is an exact int32 sum scaled
     per output channel, and every layer quantises the shared input row the same way. One call
-    instead of several saves the per-call work (the input's range, quantisation, kernel dispatch)."""
+    instead of several saves the per-call work (the input's range, quantisation, kernel dispatch).
+
+    The layers give up their own packed copies (fbgemm's packed weights cannot be sliced), so fusing
+    costs no memory: a layer called on its own afterwards (transformers' forward, as the `hf-*`
+    baselines run it) rebuilds its copy from the fused rows once (`_packed`). Fusing the same layers
+    again returns the same fused layer."""
     if len({m.in_features for m in linears}) != 1 or len({m.levels for m in linears}) != 1:
         raise ValueError("fused layers must share their input width and activation levels")
+    done = linears[0]._part_of
+    if done is not None:
+        starts = [sum(m.out_features for m in linears[:i]) for i in range(len(linears))]
+        if [m._part_of for m in linears] == [(done[0], start) for start in starts] \
+                and done[0].out_features == sum(m.out_features for m in linears):
+            return done[0]
     weights = [m.weight_int8() for m in linears]
     ints = torch.cat([w.int_repr() for w in weights])
     scales = torch.cat([w.q_per_channel_scales() for w in weights])
@@ -143,8 +169,13 @@ def fuse_int8(linears: list[Int8Linear]) -> Int8Linear:
     biases = [m.bias for m in linears]
     bias = None if all(b is None for b in biases) else torch.cat([
         b if b is not None else torch.zeros(m.out_features) for b, m in zip(biases, linears)])
-    return Int8Linear(_prepack(qweight), torch.cat([m.rowsum for m in linears]), bias, linears[0].in_features,
-                      sum(m.out_features for m in linears), linears[0].levels)
+    fused = Int8Linear(_prepack(qweight), torch.cat([m.rowsum for m in linears]), bias, linears[0].in_features,
+                       sum(m.out_features for m in linears), linears[0].levels)
+    start = 0
+    for m in linears:
+        m._held, m._part_of = None, (fused, start)
+        start += m.out_features
+    return fused
 
 
 class DynamicInt8Linear(nn.Module):
