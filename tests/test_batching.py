@@ -170,3 +170,37 @@ def test_greedy_sequences_draft_in_one_forward_per_round_and_sampled_ones_alone(
     alone = [s.run.result() for s in seqs]
     assert all(r.stats.drafted > 0 for r in alone)
     assert batched and max(batched) == 1 and [r.token_ids for r in alone] == [r.token_ids for r in greedy]
+
+
+def _run(batcher, prompts, cfgs):
+    seqs = [batcher.admit(p, c) for p, c in zip(prompts, cfgs)]
+    while batcher.running:
+        batcher.step()
+    return [s.run.result().token_ids for s in seqs]
+
+
+def test_the_shared_opening_is_prefilled_once_then_copied_and_decodes_the_same_tokens(engine, monkeypatch):
+    head = _ids(MAX_ROWWISE + 12, 7).tolist()  # a prefill chunk of its own, one causal attention call
+    prompts = [head + _ids(5 + 9 * i, 20 + i).tolist() for i in range(4)] + [_ids(15, 30).tolist()]
+    cfgs = [_cfg(m) for m in ("ar", "fixed", "cmasd", "ar", "fixed")]
+    monkeypatch.setattr(engine, "template_head", lambda: head)
+    batcher = Batcher(engine)
+    first = _run(batcher, prompts[:1], cfgs[:1])  # computes the opening and keeps it
+    assert batcher.head_hits == 0 and batcher._head_kv is not None
+    seq = batcher.admit(prompts[1], cfgs[1])
+    assert seq.prefilled == len(head) and seq.view.slot.length == len(head)  # copied, not computed
+    batcher.cancel(seq)
+    together = _run(batcher, prompts, cfgs)
+    assert batcher.head_hits == 5  # every prompt that opens with it, the cancelled one included; not the last
+    alone = [_run(Batcher(engine), [p], [c])[0] for p, c in zip(prompts, cfgs)]  # each computes its opening
+    assert together == alone and together[0] == first[0]
+    assert all(len(t) == 24 for t in together)
+
+
+def test_without_a_shared_opening_or_with_the_cache_off_nothing_is_split(engine, monkeypatch):
+    monkeypatch.setattr(engine, "template_head", lambda: _ids(12, 7).tolist())
+    off = Batcher(engine, BatchSettings(prefix_cache=False))
+    assert off.head == ()
+    long = Batcher(engine, BatchSettings(prefill_chunk=8, max_rows=16))
+    assert long.head == ()  # an opening longer than a prefill chunk is not split off
+    assert Batcher(engine).head == tuple(_ids(12, 7).tolist())

@@ -105,3 +105,20 @@ def test_a_damaged_copy_is_refused_then_removed_by_the_pull_it_names(built, tmp_
     monkeypatch.setattr(registry, "_assemble", lambda *a: pytest.fail("the verified GGUF was fetched again"))
     registry.pull(QWEN, progress=False)
     assert not copy.exists()
+
+
+@needs_qwen
+def test_the_chat_templates_opening_is_found_and_starts_every_chat_prompt(built):
+    from transformers import AutoTokenizer
+
+    from adaspec.api import Engine, load_model
+    from adaspec.models.hf import HFTokenizer
+
+    engine = Engine(load_model("tiny")[0], None, HFTokenizer(AutoTokenizer.from_pretrained(built[1])))
+    head = engine.template_head()
+    text = engine.tokenizer.decode(head)
+    # the system message and the user turn's header, up to the newline, which merges with some texts' first characters
+    assert text.startswith("system\nYou are Qwen") and text.endswith("\nuser") and len(head) >= 20, (text, head)
+    for prompt in ("Write a quicksort.", "  indented", "\n\nblank lines first", "1 + 1?"):
+        assert engine.encode(prompt)[: len(head)] == head
+    assert Engine(engine.target, None, engine.tokenizer, chat=False).template_head() == []

@@ -362,6 +362,20 @@ class Engine:
             raise AdaspecError(f"prompt token ids must be integers in [0, {self.target.vocab_size})")
         return ids
 
+    def template_head(self) -> list[int]:
+        """The token ids every chat prompt of this engine starts with: its chat template's opening
+        (for Qwen2.5 the default system message and the user turn's header). It is the longest common
+        prefix of three one-message chats whose texts start differently, so no token of it can
+        belong to the user's text. [] without a tokenizer, with chat off, or when the template opens
+        with nothing fixed."""
+        if self.tokenizer is None or not self.chat:
+            return []
+        chats = [self.encode([{"role": "user", "content": text}]) for text in ("a", " 1", "\n!")]
+        n = 0
+        while all(len(c) > n for c in chats) and len({c[n] for c in chats}) == 1:
+            n += 1
+        return chats[0][:n]
+
     @staticmethod
     def _tokenize(run) -> list[int]:
         try:

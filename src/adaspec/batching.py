@@ -31,7 +31,17 @@ A step of the `Batcher`:
 Prompts are prefilled in chunks of `prefill_chunk` tokens, one chunk per waiting prompt per step,
 so running streams keep flowing while a long prompt comes in. Chunk boundaries depend only on the
 prompt, never on the load (a chunk that does not fit a step waits for the next), which is what
-keeps prefill identical alone and under load. Admission is bounded by `max_batch` sequences and
+keeps prefill identical alone and under load.
+
+**The shared opening** (`prefix_cache`, on by default). Every chat prompt of an engine starts with
+the same tokens: its chat template's opening, for Qwen2.5 the default system message up to the
+user's text (`Engine.template_head`, 23 tokens). A prompt that starts with it has that opening
+as its own first chunk. The keys and values of that chunk are the same for every such prompt,
+because each row's result depends on that row and its own sequence alone. So they are kept after
+the first time and copied into the next sequence's cache instead of being computed again. A cached
+and a computed opening are bit-identical, and the chunk boundaries still depend only on the
+prompt, so a request gives the same tokens with or without a hit. The drafter still prefills the
+opening itself, since its numbers only steer drafts. Admission is bounded by `max_batch` sequences and
 `max_kv_tokens` (prompt + max_new_tokens summed over admitted sequences); `admit` refuses beyond
 them and the server answers 429.
 
@@ -61,6 +71,7 @@ class BatchSettings:
     prefill_chunk: int = 256  # prompt tokens prefilled per sequence and step
     max_rows: int = 512  # rows of one target forward: a prefill chunk that would pass it waits
     batch_drafts: bool = True  # greedy sequences run their drafter forwards together (Batcher.draft)
+    prefix_cache: bool = True  # prefill the chat template's opening once and copy it (module docstring)
 
     def validate(self) -> "BatchSettings":
         for name in ("max_batch", "max_kv_tokens", "prefill_chunk", "max_rows"):
@@ -126,6 +137,15 @@ class Batcher:
         measured = cost.drafter_ms_per_token if cost is not None else None
         self.drafter_ms = measured if measured is not None else FALLBACK_DRAFTER * self.target_ms(1)
         self._costs: list[float] = [0.0]
+        head = tuple(engine.template_head()) if settings.prefix_cache else ()
+        self.head = head if len(head) <= self.settings.prefill_chunk else ()  # the opening: its own first chunk
+        self._head_kv: tuple[list, list] | None = None  # its keys and values per layer, once computed
+        self.head_hits = 0  # prompts whose opening was copied, not computed
+
+    def _opens(self, prompt) -> bool:
+        """Whether this prompt's first chunk is the shared opening (it starts with it and goes on)."""
+        n = len(self.head)
+        return 0 < n < prompt.shape[0] and tuple(prompt[:n].tolist()) == self.head
 
     @property
     def kv_tokens(self) -> int:
@@ -146,7 +166,16 @@ class Batcher:
         plan = self.engine.prepare(cfg, view=drafter_view, batched=True)
         run = Decoding(view, plan, prompt_ids, cfg, stop=stop)
         seq = Sequence(run, view, drafter_view, len(prompt_ids) + cfg.max_new_tokens)
-        if seq.decoding:  # a one-token prompt: nothing to prefill
+        if self._head_kv is not None and self._opens(run.prompt):
+            keys, values = self._head_kv
+            slot, n = view.slot, len(self.head)
+            slot.reserve(n, keys[0])
+            for store, kept in ((slot.k, keys), (slot.v, values)):
+                for layer, cached in zip(store, kept):
+                    layer[:, :n] = cached
+            slot.length = seq.prefilled = n
+            self.head_hits += 1
+        if seq.decoding:  # nothing (left) to prefill
             run.prefilled()
         self.running.append(seq)
         return seq
@@ -189,6 +218,10 @@ class Batcher:
             touched.append(s)
         for s, n in chunked:
             s.prefilled += n
+            if self._head_kv is None and s.prefilled == len(self.head) and self._opens(s.run.prompt):
+                slot = s.view.slot
+                self._head_kv = ([k[:, : s.prefilled].clone() for k in slot.k],
+                                 [v[:, : s.prefilled].clone() for v in slot.v])
             if s.decoding:
                 s.run.prefilled()
         self.running = [s for s in self.running if not s.done]
@@ -227,6 +260,8 @@ class Batcher:
         return drafts
 
     def _chunk(self, s: Sequence) -> int:
+        if s.prefilled == 0 and self._opens(s.run.prompt):
+            return len(self.head)
         return min(self.settings.prefill_chunk, s.run.prompt.shape[0] - 1 - s.prefilled)
 
     def caps(self, decoding: list[Sequence], prefill_rows: int) -> list[int | None]:

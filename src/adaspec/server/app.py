@@ -65,6 +65,7 @@ class ServerSettings:
     max_kv_tokens: int = 65536  # prompt + max_tokens summed over the requests in the batch
     prefill_chunk: int = 256  # prompt tokens prefilled per request and step while others decode
     batch_drafts: bool = True  # the greedy requests' drafter forwards run together (batching.Batcher.draft)
+    prefix_cache: bool = True  # the chat template's opening is prefilled once and copied (batching.py)
 
     def validate(self) -> "ServerSettings":
         if not (isinstance(self.queue_size, int) and self.queue_size >= 1):
@@ -82,7 +83,7 @@ class ServerSettings:
 
         return BatchSettings(max_batch=self.max_batch, max_kv_tokens=self.max_kv_tokens,
                              prefill_chunk=self.prefill_chunk, max_rows=max(512, self.prefill_chunk),
-                             batch_drafts=self.batch_drafts).validate()
+                             batch_drafts=self.batch_drafts, prefix_cache=self.prefix_cache).validate()
 
 
 class ClientGone(Exception):

@@ -43,6 +43,9 @@ def register(subparsers) -> None:
     s.add_argument("--no-batch-drafts", action="store_false", dest="batch_drafts",
                    help="each request drafts alone, one drafter forward per token and request, instead of the "
                         "greedy requests drafting together (for comparison)")
+    s.add_argument("--no-prefix-cache", action="store_false", dest="prefix_cache",
+                   help="prefill every prompt's chat-template opening again instead of copying the kept one "
+                        "(for comparison; outputs are the same either way)")
     s.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     r = p.add_argument_group("Ray Serve (docs/scaling.md; needs `pip install -e \".[ray]\"`)")
     r.add_argument("--ray", action="store_true",
@@ -72,7 +75,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
         method=a.method, defaults=option_values(a), api_key=a.api_key or os.environ.get("ADASPEC_API_KEY") or None,
         queue_size=a.queue_size, request_timeout=a.request_timeout, max_body_bytes=a.max_body_bytes,
         model_name=a.model_name, max_batch=a.max_batch, max_kv_tokens=a.max_kv_tokens,
-        prefill_chunk=a.prefill_chunk, batch_drafts=a.batch_drafts).validate()  # before loading weights: a typo should not cost a model load
+        prefill_chunk=a.prefill_chunk, batch_drafts=a.batch_drafts, prefix_cache=a.prefix_cache).validate()  # before loading weights: a typo should not cost a model load
     if not settings.api_key and not _is_loopback(a.host):
         print(f"adaspec: warning: serving on {a.host} without an API key: anyone who can reach it can use it",
               file=sys.stderr)

@@ -51,7 +51,14 @@ class Metrics:
         self.draft_cap = Histogram("adaspec_draft_length_cap", "load-aware draft-length cap of a greedy sequence "
                                    "in a batched step", buckets=(0, 1, 2, 3, 4, 6, 8, 12, 16), registry=r)
 
-    def batch_step(self, size: int, rows: int, caps: list) -> None:
+        self.prefix_hits = Counter("adaspec_prefix_cache_hits_total", "prompts whose chat-template opening was "
+                                   "copied from the kept one instead of prefilled (batching.py)", registry=r)
+        self._prefix_hits_seen = 0  # the batcher's own count when last read
+
+    def batch_step(self, size: int, rows: int, caps: list, prefix_hits: int = 0) -> None:
+        if prefix_hits > self._prefix_hits_seen:
+            self.prefix_hits.inc(prefix_hits - self._prefix_hits_seen)
+            self._prefix_hits_seen = prefix_hits
         if size:
             self.batch_size.observe(size)
         if rows:

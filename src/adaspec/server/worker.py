@@ -241,7 +241,7 @@ class BatchWorker(Worker):
                 job.post("error", APIError(500, f"generation failed: {type(e).__name__}: {e}", type="server_error"))
             self._active.clear()
             return
-        self.metrics.batch_step(size, self.batcher.last_rows, self.batcher.last_caps)
+        self.metrics.batch_step(size, self.batcher.last_rows, self.batcher.last_caps, self.batcher.head_hits)
         for seq in touched:
             job, stream, started = self._active[seq]
             if seq.new and (delta := stream.add(seq.new)):
