@@ -143,13 +143,13 @@ def load_model(source: str | ModelAdapter, *, dtype: torch.dtype = torch.float32
     if quant:
         from adaspec.models.quant import is_quantized, quantize_adapter
 
-        gguf = pack = None
-        if quant == "q4k" and (gguf := _gguf_file(source)) is not None:
-            from adaspec.models.registry import pack_cache
+        if not is_quantized(adapter):  # a packed q4k copy arrives quantised; nothing to resolve or pack
+            gguf = pack = None
+            if quant == "q4k" and (gguf := _gguf_file(source)) is not None:
+                from adaspec.models.registry import pack_cache
 
-            pack = pack_cache(source)
-        # also makes attention row-wise (models/invariant.py)
-        if not is_quantized(adapter):
+                pack = pack_cache(source)
+            # also makes attention row-wise (models/invariant.py)
             adapter = quantize_adapter(adapter, quant, gguf=gguf, pack_cache=pack)
         drafter = role == "drafter"
         if (drafter and drafter_runtime == "auto") or (not drafter and target_runtime == "auto" and quant == "q4k"):
