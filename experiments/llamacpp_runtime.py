@@ -111,14 +111,34 @@ def greedy(engines: dict[str, Engine], n_prompts: int, tokens: int) -> dict[str,
     return out
 
 
+def q6k_as_int8(adapter, role: str):
+    """The q4k model with its Q6_K layers as int8 with per-channel scales (q4k until session 11), on
+    the same runtime."""
+    from adaspec.models.fast import FastDecoder
+    from adaspec.models.q6k import Q6KLinear, dequantize, unpack_tiles
+    from adaspec.models.quant import Int8Linear
+
+    model = adapter.model
+    for name, m in list(model.named_modules()):
+        if isinstance(m, Q6KLinear):
+            float_layer = torch.nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
+            float_layer.weight.data = dequantize(unpack_tiles({k: getattr(m, k) for k in ("w4", "w2", "sc", "d")}))
+            if m.bias is not None:
+                float_layer.bias.data = m.bias.clone()
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, Int8Linear.from_float(float_layer))
+    return FastDecoder(model, adapter.name, exact_rows=role != "drafter")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--reps", type=int, default=9)
     p.add_argument("--prompts", type=int, default=6)
     p.add_argument("--tokens", type=int, default=96)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--quant", nargs="+", default=["int8", "q4k"], choices=["int8", "q4k"],
-                   help="adaspec's forms to run beside llama.cpp (default: both)")
+    p.add_argument("--quant", nargs="+", default=["int8", "q4k"], choices=["int8", "q4k", "q4k-int8-q6k"],
+                   help="adaspec's forms to run beside llama.cpp (default: int8 and q4k; q4k-int8-q6k: q4k "
+                        "with the file's Q6_K layers as int8, as q4k ran until session 11)")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     from adaspec.calibration.identity import device_name
@@ -128,7 +148,10 @@ def main() -> None:
     for name, role in (("qwen2.5-coder-1.5b", "target"), ("qwen2.5-coder-0.5b", "drafter")):
         adapters = {}
         for quant in a.quant:  # each as the engine runs it (load_model's default runtime for the role)
-            adapters[f"adaspec {quant}"], tok = load_model(name, quant=quant, role=role)
+            if quant == "q4k-int8-q6k":
+                adapters[f"adaspec {quant}"] = q6k_as_int8(load_model(name, quant="q4k", role=role)[0], role)
+            else:
+                adapters[f"adaspec {quant}"], tok = load_model(name, quant=quant, role=role)
         lcpp = anchors._model(_gguf_file(name), a.threads, role)
         ids = context_ids(tok)
         ms = forward_ms(adapters, lcpp, ids, a.reps)

@@ -1,13 +1,15 @@
-"""Q4_K weights computed as they are stored: the unpacking reproduces ggml's dequantisation exactly,
-the kernel is batch-invariant (a k-row forward is bit-identical to k one-row forwards) and close to
-float, and a q4k target keeps greedy speculation identical to its own greedy decoding."""
+"""Q4_K and Q6_K weights computed as they are stored (models/q4k.py, models/q6k.py): the unpacking
+reproduces ggml's dequantisation exactly, the packed tiles give back the file's values, the kernels
+are batch-invariant (a k-row forward is bit-identical to k one-row forwards), the same on the
+portable loop, and close to float, and a q4k target keeps greedy speculation identical to its own
+greedy decoding."""
 
 import numpy as np
 import pytest
 import torch
 
 from adaspec.config import AdaspecError
-from adaspec.models import q4k
+from adaspec.models import q4k, q6k
 from adaspec.models.registry import is_pulled, path
 
 QWEN = "qwen2.5-coder-0.5b"
@@ -22,24 +24,42 @@ def random_weights(n: int, k: int, seed: int = 0) -> dict[str, torch.Tensor]:
             "d": torch.rand(n, k // 256, generator=g) * 0.01, "dm": torch.rand(n, k // 256, generator=g) * 0.01}
 
 
+def random_q6k(n: int, k: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {"q": torch.randint(0, 64, (n, k), generator=g, dtype=torch.uint8),
+            "sc": torch.randint(-128, 128, (n, k // 16), generator=g, dtype=torch.int8),
+            "d": torch.rand(n, k // 256, generator=g) * 0.001}
+
+
+def random_layer(fmt: str, n: int, k: int, seed: int = 0, **kwargs) -> tuple[torch.nn.Module, torch.Tensor]:
+    """A Q4_K or Q6_K layer of random weights, and its weights de-quantised."""
+    if fmt == "q4k":
+        w = random_weights(n, k, seed)
+        return q4k.Q4KLinear(w, **kwargs), q4k.dequantize(w)
+    w = random_q6k(n, k, seed)
+    return q6k.Q6KLinear(q6k.pack_tiles(w), **kwargs), q6k.dequantize(w)
+
+
+@pytest.mark.parametrize("fmt", ["q4k", "q6k"])
 @pytest.mark.parametrize("kernel_name", ["auto", "portable"])
-def test_kernel_rows_are_batch_invariant_and_close_to_float(kernel_name):
-    w = random_weights(80, 512)  # 5 tiles: one row takes 4 at a time and the last alone, more rows 2 + 2 + 1
-    lin = q4k.Q4KLinear(w, kernel_name=kernel_name)
+def test_kernel_rows_are_batch_invariant_and_close_to_float(fmt, kernel_name):
+    lin, weight = random_layer(fmt, 80, 512, kernel_name=kernel_name)  # 5 tiles: one row takes 4, then 1
     x = torch.randn(21, 512, generator=torch.Generator().manual_seed(1))  # groups of 6 rows and a last one of 3
     y = lin(x)
     singles = torch.cat([lin(x[i:i + 1]) for i in range(x.shape[0])])
     assert torch.equal(y, singles)
     assert torch.equal(lin(x[3:8]), y[3:8])
-    ref = x @ q4k.dequantize(w).T
+    ref = x @ weight.T
     assert float((y - ref).norm() / ref.norm()) < 0.02  # int8 activations, per 256-block scale
 
 
-def test_vectorised_and_portable_kernels_agree_bit_for_bit():
-    w = random_weights(32, 768, seed=2)
+@pytest.mark.parametrize("fmt", ["q4k", "q6k"])
+def test_vectorised_and_portable_kernels_agree_bit_for_bit(fmt):
+    bias = torch.randn(48, generator=torch.Generator().manual_seed(5))
+    fast = random_layer(fmt, 48, 768, seed=2, bias=bias)[0]
+    slow = random_layer(fmt, 48, 768, seed=2, bias=bias, kernel_name="portable")[0]
     x = torch.randn(13, 768, generator=torch.Generator().manual_seed(3))  # row groups of 6, 6 and 1
-    fast, slow = q4k.Q4KLinear(w)(x), q4k.Q4KLinear(w, kernel_name="portable")(x)
-    assert torch.equal(fast, slow)  # the same integers, the same two fmas per block in the same order
+    assert torch.equal(fast(x), slow(x))  # the same integers, the same fmas per block in the same order
 
 
 def test_fused_layers_give_each_layer_its_own_outputs_bit_for_bit():
@@ -123,7 +143,7 @@ def test_packed_layers_are_kept_reused_bit_for_bit_and_refused_when_damaged(tmp_
             return names, model(ids[None]).logits[0]
 
     names, first = logits()
-    assert len(names) == 12 and (cache.folder / q4k.PACKED_FILE).is_file()
+    assert len(names) == 24 and (cache.folder / q4k.PACKED_FILE).is_file()  # 12 Q4_K and 12 Q6_K ffn_down
     monkeypatch.setattr(q4k, "_from_gguf", lambda *a: pytest.fail("the kept copy was not used"))
     again, second = logits()
     assert again == sorted(names) and torch.equal(first, second)
@@ -137,3 +157,63 @@ def test_packed_layers_are_kept_reused_bit_for_bit_and_refused_when_damaged(tmp_
         logits()
     assert q4k.drop_damaged(tmp_path, cache.sha256) == [cache.folder] and not cache.folder.exists()
     assert torch.equal(logits()[1], first)  # packed again from the GGUF
+
+
+# ---- Q6_K ------------------------------------------------------------------------------------------
+
+def test_packed_tiles_give_back_the_values_and_the_rows():
+    w = random_q6k(64, 512, seed=6)
+    packed = q6k.pack_tiles(w)
+    back = q6k.unpack_tiles(packed)
+    assert all(torch.equal(back[name], w[name]) for name in w)
+    ids = torch.tensor([63, 0, 17, 17, 40])
+    assert torch.equal(q6k.Q6KLinear(packed).rows(ids), q6k.dequantize(w)[ids])
+    assert packed["w4"].numel() + packed["w2"].numel() == 64 * 512 * 6 // 8  # six bits a weight
+
+
+def test_q6k_tiles_need_sixteen_outputs_and_256_inputs():
+    with pytest.raises(ValueError, match="multiple of 16"):
+        q6k.pack_tiles(random_q6k(8, 256))
+    with pytest.raises(ValueError, match="Q6_K rows"):
+        q6k.unpack_q6k(np.zeros((4, 100), np.uint8))
+
+
+def test_a_draft_head_shares_a_q6k_output_head_as_its_dequantised_rows():
+    from adaspec.models.features import output_rows
+
+    w = random_q6k(32, 256, seed=7)
+    model = torch.nn.Module()
+    model.head = q6k.Q6KLinear(q6k.pack_tiles(w))
+    ids = torch.tensor([3, 31, 16])
+    assert torch.equal(output_rows(model, ids), q6k.dequantize(w)[ids])
+
+
+def test_gguf_tensor_names_map_onto_their_modules():
+    assert q4k.module_for("output.weight") == "lm_head"
+    assert q4k.module_for("blk.3.ffn_down.weight") == "model.layers.3.mlp.down_proj"
+    assert q4k.module_for("blk.3.attn_v.bias") is None and q4k.module_for("token_embd.weight") is None
+
+
+@needs_qwen
+def test_q6k_unpacking_reproduces_ggml_dequantisation_exactly():
+    from gguf import GGMLQuantizationType, GGUFReader
+    from gguf.quants import dequantize
+
+    reader = GGUFReader(str(path(QWEN)))
+    t = next(t for t in reader.tensors if t.tensor_type == GGMLQuantizationType.Q6_K)
+    raw = np.asarray(t.data)
+    w = q6k.unpack_q6k(raw)
+    assert torch.equal(q6k.dequantize(w), torch.from_numpy(dequantize(raw, t.tensor_type).astype(np.float32)))
+    assert int(w["q"].max()) == 63 and int(w["q"].min()) == 0  # six bits used whole
+
+
+@needs_qwen
+def test_the_q4k_model_computes_its_q6k_layers_with_the_files_values():
+    from adaspec.api import load_model
+
+    target, _ = load_model(QWEN, quant="q4k")
+    layers = {n: m for n, m in target.model.named_modules() if isinstance(m, q6k.Q6KLinear)}
+    assert len(layers) == 12 and all(n.endswith("mlp.down_proj") for n in layers)
+    x = torch.randn(5, 4864, generator=torch.Generator().manual_seed(8))
+    layer = next(iter(layers.values()))
+    assert torch.equal(layer(x), torch.cat([layer(x[i:i + 1]) for i in range(5)]))

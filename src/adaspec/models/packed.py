@@ -7,7 +7,9 @@ and the norms still pointed into, most of that file's pages. The default pair he
 resident for 1.6 GB of GGUF files. Here the load reads only what is run:
 
 - every Q4_K linear layer as the kernel's packed tiles (models/q4k.py), bias apart;
-- every other linear layer (Q6_K, Q5_0, Q8_0 in the file) as int8 with per-channel scales and
+- every Q6_K linear layer, the output head included, as its kernel's packed tiles (models/q6k.py;
+  since session 11, version 2 of the folder);
+- every other linear layer (Q5_0, Q8_0 in the file) as int8 with per-channel scales and
   its row sums (models/quant.py's `Int8Linear`: the same integers, scales and row sums as
   quantising the float layer, so the same outputs bit for bit);
 - the token embedding as the GGUF's own quantised rows (`GGUFEmbedding`), de-quantised per
@@ -38,7 +40,7 @@ import torch.nn as nn
 
 from adaspec.config import AdaspecError
 
-VERSION = 1  # what the folder holds and how (bump when either changes: another folder, never a stale one)
+VERSION = 2  # what the folder holds and how (bump when either changes: another folder, never a stale one)
 WEIGHTS = "model.safetensors"
 log = logging.getLogger("adaspec")
 
@@ -143,6 +145,7 @@ def save(model: nn.Module, tokenizer, folder: Path) -> None:
     from safetensors.torch import save_file
 
     from adaspec.models import convert_cache as cc
+    from adaspec.models import q6k
     from adaspec.models.q4k import PACKED_PARTS, Q4KLinear
     from adaspec.models.quant import Int8Linear
 
@@ -152,6 +155,9 @@ def save(model: nn.Module, tokenizer, folder: Path) -> None:
         if isinstance(m, Q4KLinear):
             modules[name] = {"kind": "q4k", "kernel": m.kernel_name}
             tensors.update({f"{name}.{p}": getattr(m, p) for p in PACKED_PARTS})
+        elif isinstance(m, q6k.Q6KLinear):
+            modules[name] = {"kind": "q6k", "kernel": m.kernel_name}
+            tensors.update({f"{name}.{p}": getattr(m, p) for p in q6k.PARTS})
         elif isinstance(m, Int8Linear):
             w = m.weight_int8()
             modules[name] = {"kind": "int8", "levels": m.levels}
@@ -161,7 +167,7 @@ def save(model: nn.Module, tokenizer, folder: Path) -> None:
             modules[name] = {"kind": "gguf-embedding", "qtype": m.qtype, "dim": m.embedding_dim}
             tensors[f"{name}.raw"] = m.raw
         elif isinstance(m, nn.Linear | nn.Embedding):
-            raise AdaspecError(f"cannot keep {name} ({type(m).__name__}): only q4k, int8 and GGUF-embedding layers "
+            raise AdaspecError(f"cannot keep {name} ({type(m).__name__}): only q4k, q6k, int8 and GGUF-embedding layers "
                                "are kept packed")
         else:
             if name in rotary:  # rebuilt from the config at load (its tensors are derived, some not buffers)
@@ -189,6 +195,7 @@ def load(folder: Path, name: str, *, fix: str):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     from adaspec.models import convert_cache as cc
+    from adaspec.models import q6k
     from adaspec.models.hf import HFAdapter, HFTokenizer, _quiet_loading
     from adaspec.models.q4k import PACKED_PARTS, Q4KLinear
     from adaspec.models.quant import Int8Linear, _prepack, _quant_quiet, _use_row_attention
@@ -213,6 +220,9 @@ def load(folder: Path, name: str, *, fix: str):
             if spec["kind"] == "q4k":
                 module = Q4KLinear(None, bias, kernel_name=spec["kernel"],
                                    packed={p: tensors[f"{mname}.{p}"] for p in PACKED_PARTS})
+            elif spec["kind"] == "q6k":
+                module = q6k.Q6KLinear({p: tensors[f"{mname}.{p}"] for p in q6k.PARTS}, bias,
+                                       kernel_name=spec["kernel"])
             elif spec["kind"] == "int8":
                 ints = tensors.pop(f"{mname}.int8")
                 with _quant_quiet():

@@ -22,6 +22,9 @@ sums, are exact int32 sums; two fmas per output and block add them in float in a
 row's result depends on that row alone and is computed by the same instructions however many rows
 a forward holds, so a k-row forward is bit-identical to k one-row forwards: the property lossless
 speculation rests on. CPUs without AVX-512 VNNI run a portable loop that gives the same results.
+
+The file's Q6_K layers (the output head, half of `attn_v` and `ffn_down` in a Q4_K_M file) have a
+kernel of their own in the same extension (models/q6k.py); `apply_gguf` places both.
 """
 
 from __future__ import annotations
@@ -35,21 +38,9 @@ import numpy as np
 import torch
 
 from adaspec.config import AdaspecError
+from adaspec.models.extension import QK, BlockLinear, kernel, nibble_tiles
 
-QK = 256
 BLOCK_BYTES = 144  # ggml block_q4_K: d, dmin (fp16), scales[12], qs[128]
-
-
-@cache
-def kernel():
-    """The compiled extension (built once per machine into torch's extension cache)."""
-    from torch.utils.cpp_extension import load
-
-    src = Path(__file__).with_name("kernels") / "q4k.cpp"
-    # -fopenmp: at::parallel_for is inline OpenMP in the extension's own code; without the flag it runs
-    # on one thread. The OpenMP runtime is the one torch has already loaded (the same libgomp.so.1).
-    return load(name="adaspec_q4k", sources=[str(src)], extra_cflags=["-O3", "-fopenmp"],
-                extra_ldflags=["-fopenmp"], verbose=False)
 
 
 @cache
@@ -108,10 +99,7 @@ def pack_tiles(w: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     16 outputs. N must be a multiple of 16."""
     q = values(w["qs"])
     n, k = q.shape
-    if n % 16:
-        raise ValueError(f"Q4_K tiles need a multiple of 16 outputs, got {n}")
-    t = q.reshape(n // 16, 16, k // 8, 2, 4).permute(0, 2, 1, 4, 3)  # (tile, g, o, i, half)
-    w4 = (t[..., 0] | (t[..., 1] << 4)).reshape(n // 16, k // 8, 64).contiguous()
+    w4 = nibble_tiles(q)
 
     def by16(x: torch.Tensor) -> torch.Tensor:
         return x.reshape(n // 16, 16, -1).transpose(1, 2).contiguous()
@@ -121,27 +109,18 @@ def pack_tiles(w: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {"w4": w4, "sc": by16(w["sc"]), "mn": mn.contiguous(), "d": by16(w["d"]), "dm": by16(w["dm"])}
 
 
-class Q4KLinear(torch.nn.Module):
+class Q4KLinear(BlockLinear):
     """y = x W^T (+ bias) with W held as Q4_K; x (..., K) float32 -> (..., N) float32."""
+
+    parts = ("w4", "sc", "mn", "d", "dm")
 
     def __init__(self, weights: dict[str, torch.Tensor] | None, bias: torch.Tensor | None = None, *,
                  kernel_name: str = "auto", packed: dict[str, torch.Tensor] | None = None):
         """weights: `unpack_q4k`'s tensors of one matrix (or packed: `pack_tiles`' of one already)."""
-        super().__init__()
-        packed = pack_tiles(weights) if packed is None else packed
-        self.out_features = packed["w4"].shape[0] * 16
-        self.in_features = packed["w4"].shape[1] * 8
-        for name in PACKED_PARTS:  # one order, however the weights came: a model's fingerprint reads it
-            self.register_buffer(name, packed[name])
-        self.bias = bias
-        self.kernel_name = kernel_name
+        super().__init__(pack_tiles(weights) if packed is None else packed, bias, kernel_name)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features).float().contiguous()
-        out = kernel().linear(rows, self.w4, self.sc, self.mn, self.d, self.dm, self.kernel_name)
-        if self.bias is not None:
-            out = out + self.bias
-        return out.reshape(*x.shape[:-1], self.out_features)
+    def _rows(self, rows: torch.Tensor) -> torch.Tensor:
+        return kernel().linear(rows, self.w4, self.sc, self.mn, self.d, self.dm, self.kernel_name)
 
 
 def fuse_q4k(linears: list[Q4KLinear]) -> Q4KLinear:
@@ -175,9 +154,9 @@ GGUF_LINEARS = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "att
                 "ffn_down": "mlp.down_proj"}
 
 
-PACK_VERSION = 2  # the kernel's layout (pack_tiles); another layout is another folder, never a stale one
+PACK_VERSION = 3  # the kernels' layouts (pack_tiles, q6k.pack_tiles; 3: Q6_K layers too); another is another folder
 PACKED_FILE = "q4k.safetensors"
-PACKED_PARTS = ("w4", "sc", "mn", "d", "dm")
+PACKED_PARTS = Q4KLinear.parts
 
 
 @dataclass(frozen=True)
@@ -197,7 +176,8 @@ class PackCache:
 
 
 def apply_gguf(model: torch.nn.Module, gguf_path: str | Path, cache: PackCache | None = None) -> list[str]:
-    """Replace every linear layer of `model` whose GGUF weight is Q4_K by a Q4KLinear on those very
+    """Replace every linear layer of `model` whose GGUF weight is Q4_K by a Q4KLinear, and every one
+    whose weight is Q6_K (the output head included) by a Q6KLinear (models/q6k.py), on those very
     bytes; returns the names replaced. Each replaced weight must equal the model's float weight (the
     model was converted from the same file), so a file that does not belong to the model is refused.
 
@@ -217,35 +197,57 @@ def apply_gguf(model: torch.nn.Module, gguf_path: str | Path, cache: PackCache |
     return list(packed)
 
 
+def module_for(tensor_name: str) -> str | None:
+    """The transformers module holding a GGUF tensor's weight (None for tensors that are no linear
+    layer's): blk.N.<kind>.weight -> model.layers.N.<module>, output.weight -> lm_head."""
+    if tensor_name == "output.weight":
+        return "lm_head"
+    parts = tensor_name.split(".")
+    if len(parts) == 4 and parts[0] == "blk" and parts[2] in GGUF_LINEARS and parts[3] == "weight":
+        return f"model.layers.{parts[1]}.{GGUF_LINEARS[parts[2]]}"
+    return None
+
+
 def _from_gguf(model: torch.nn.Module, gguf_path: str | Path) -> dict[str, dict[str, torch.Tensor]]:
     from gguf import GGMLQuantizationType, GGUFReader
 
+    from adaspec.models import q6k
+
+    formats = {GGMLQuantizationType.Q4_K: (unpack_q4k, dequantize, pack_tiles),
+               GGMLQuantizationType.Q6_K: (q6k.unpack_q6k, q6k.dequantize, q6k.pack_tiles)}
     packed = {}
     modules = dict(model.named_modules())
     for t in GGUFReader(str(gguf_path)).tensors:
-        parts = t.name.split(".")  # blk.N.<kind>.weight
-        if t.tensor_type != GGMLQuantizationType.Q4_K or len(parts) != 4 or parts[0] != "blk" \
-                or parts[2] not in GGUF_LINEARS:
+        name = module_for(t.name)
+        if name is None or t.tensor_type not in formats:
             continue
-        name = f"model.layers.{parts[1]}.{GGUF_LINEARS[parts[2]]}"
+        unpack, dequant, pack = formats[t.tensor_type]
         linear = modules.get(name)
         if type(linear) is not torch.nn.Linear:
             raise AdaspecError(f"{gguf_path}: tensor {t.name} has no linear layer {name} in this model")
-        w = unpack_q4k(np.asarray(t.data))
-        if tuple(linear.weight.shape) != (w["qs"].shape[0], w["qs"].shape[1] * 2) or not torch.equal(
-                dequantize(w), linear.weight.detach()):
+        if name == "lm_head" and linear.weight.shape[0] != int(t.shape[-1]):
+            continue  # a head cut to a drafting vocabulary (api.cut_output_head): its rows are int8
+        w = unpack(np.asarray(t.data))
+        weight = dequant(w)
+        if tuple(linear.weight.shape) != tuple(weight.shape) or not torch.equal(weight, linear.weight.detach()):
             raise AdaspecError(f"{gguf_path}: tensor {t.name} does not hold the weights of {name}; load the model "
                                "from this GGUF file")
-        packed[name] = pack_tiles(w)
+        del weight
+        packed[name] = pack(w)
         _replace(modules, name, packed[name])
     return packed
 
 
 def _replace(modules: dict, name: str, packed: dict[str, torch.Tensor]) -> None:
+    """Swap the float layer `name` for the Q4_K or Q6_K layer of these packed tensors (Q6_K's have a
+    `w2` plane of high bits)."""
+    from adaspec.models.q6k import Q6KLinear
+
     linear = modules[name]
     bias = None if linear.bias is None else linear.bias.detach().clone()
     parent, _, child = name.rpartition(".")
-    setattr(modules[parent], child, Q4KLinear(None, bias, packed=packed))
+    layer = Q6KLinear(packed, bias) if "w2" in packed else Q4KLinear(None, bias, packed=packed)
+    setattr(modules[parent], child, layer)
 
 
 def _apply_packed(model: torch.nn.Module, folder: Path) -> list[str]:
@@ -256,8 +258,8 @@ def _apply_packed(model: torch.nn.Module, folder: Path) -> list[str]:
     modules = dict(model.named_modules())
     for name in names:
         linear = modules.get(name)
-        packed = {part: tensors[f"{name}.{part}"] for part in PACKED_PARTS}
-        if type(linear) is not torch.nn.Linear or tuple(linear.weight.shape) != (
+        packed = {part.rsplit(".", 1)[1]: t for part, t in tensors.items() if part.rsplit(".", 1)[0] == name}
+        if type(linear) is not torch.nn.Linear or "w4" not in packed or tuple(linear.weight.shape) != (
                 packed["w4"].shape[0] * 16, packed["w4"].shape[1] * 8):
             raise AdaspecError(f"the packed Q4_K copy {folder} does not fit this model (layer {name}); load the "
                                "model from the GGUF file it was packed from")

@@ -201,7 +201,8 @@ def quantize_adapter(adapter: ModelAdapter, mode: str, *, lm_head: bool = True, 
 
     mode: "int8" (CPU only, float32 models only; see the module docstring), or "q4k": the linear
         layers whose weights are Q4_K in the GGUF file `gguf` (the file the model was converted
-        from) compute with those 4-bit weights (models/q4k.py), every other one is int8; `pack_cache`
+        from) compute with those 4-bit weights (models/q4k.py), those whose weights are Q6_K (the
+        output head included) with their 6-bit weights (models/q6k.py), every other one is int8; `pack_cache`
         (a q4k.PackCache) keeps the packed layers on disk for the next load.
     lm_head: also quantise the output head (the Linear producing the vocab_size logits).
     copy: quantise a deep copy and leave `adapter` untouched (costs the float model's memory once
@@ -252,9 +253,14 @@ def replace_linears(model: nn.Module, make, *, skip: set[str] = frozenset()) -> 
 
 
 def is_quantized(adapter: ModelAdapter) -> bool:
-    """True when the adapter's model holds at least one Int8Linear."""
+    """True when the adapter's model holds at least one quantised layer: Int8Linear, or the q4k
+    mode's Q4KLinear and Q6KLinear (a q4k model may hold no int8 layer at all)."""
+    from adaspec.models.q4k import Q4KLinear
+    from adaspec.models.q6k import Q6KLinear
+
     model = getattr(adapter, "model", None)
-    return isinstance(model, nn.Module) and any(isinstance(m, Int8Linear) for m in model.modules())
+    kinds = (Int8Linear, Q4KLinear, Q6KLinear)
+    return isinstance(model, nn.Module) and any(isinstance(m, kinds) for m in model.modules())
 
 
 def _use_row_attention(model: nn.Module) -> bool:

@@ -29,79 +29,11 @@
 #include <utility>
 #include <vector>
 
+#include "acts.h"
+
 namespace {
 
-constexpr int QK = 256;
-
-struct Acts {
-  std::vector<int8_t> q;   // [R, K] natural order
-  std::vector<float> d;    // [R, K/256] activation scale of each block
-  std::vector<int32_t> s;  // [R, K/64] sums of sub-blocks 2p (low 16 bits) and 2p + 1 (high 16 bits)
-};
-
-inline int8_t round_clamp(float v) {
-  return static_cast<int8_t>(std::max(-127, std::min(127, static_cast<int>(std::nearbyint(v)))));
-}
-
-inline void pair_sums(const int8_t* qb, int32_t* s) {  // one 256-block's 4 packed pairs of sub-block sums
-  for (int p = 0; p < 4; ++p) {
-    int lo = 0, hi = 0;
-    for (int l = 0; l < 32; ++l) {
-      lo += qb[64 * p + l];
-      hi += qb[64 * p + 32 + l];
-    }
-    s[p] = static_cast<int32_t>((static_cast<uint32_t>(static_cast<uint16_t>(hi)) << 16) | static_cast<uint16_t>(lo));
-  }
-}
-
-// One 256-block of one row. The vectorised and the scalar form give the same bytes: the block's
-// maximum is exact in any order, and cvtps rounds to nearest even as nearbyint does by default.
-__attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl")))
-void quantize_block_avx512(const float* xb, int8_t* qb, float* d) {
-  __m512 m = _mm512_setzero_ps();
-  for (int i = 0; i < QK; i += 16) m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(xb + i)));
-  const float amax = _mm512_reduce_max_ps(m);
-  const float iscale = amax > 0.f ? 127.f / amax : 0.f;
-  *d = amax > 0.f ? amax / 127.f : 0.f;
-  const __m512 s = _mm512_set1_ps(iscale);
-  const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
-  for (int i = 0; i < QK; i += 16) {
-    __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xb + i), s));
-    v = _mm512_min_epi32(_mm512_max_epi32(v, lo), hi);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(qb + i), _mm512_cvtepi32_epi8(v));
-  }
-}
-
-void quantize_block_portable(const float* xb, int8_t* qb, float* d) {
-  float amax = 0.f;
-  for (int i = 0; i < QK; ++i) amax = std::max(amax, std::fabs(xb[i]));
-  const float iscale = amax > 0.f ? 127.f / amax : 0.f;
-  *d = amax > 0.f ? amax / 127.f : 0.f;
-  for (int i = 0; i < QK; ++i) qb[i] = round_clamp(xb[i] * iscale);
-}
-
-bool has_vnni() {
-  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
-  return ok;
-}
-
-Acts quantize(const float* x, int64_t R, int64_t K, bool vector) {
-  Acts a;
-  const int64_t nb = K / QK;
-  a.q.resize(R * K);
-  a.d.resize(R * nb);
-  a.s.resize(R * (K / 64));
-  for (int64_t r = 0; r < R; ++r)
-    for (int64_t b = 0; b < nb; ++b) {
-      const float* xb = x + r * K + b * QK;
-      int8_t* qb = a.q.data() + r * K + b * QK;
-      if (vector) quantize_block_avx512(xb, qb, &a.d[r * nb + b]);
-      else quantize_block_portable(xb, qb, &a.d[r * nb + b]);
-      pair_sums(qb, &a.s[r * (K / 64) + b * 4]);
-    }
-  return a;
-}
+using namespace adaspec_kernels;
 
 struct Weights {
   const uint8_t *w4, *sc, *mn;
@@ -278,7 +210,11 @@ torch::Tensor q4k_linear(torch::Tensor x, torch::Tensor w4, torch::Tensor sc, to
 
 bool q4k_has_vnni() { return has_vnni(); }
 
+torch::Tensor q6k_linear(torch::Tensor x, torch::Tensor w4, torch::Tensor w2, torch::Tensor sc, torch::Tensor d,
+                         const std::string& kernel);  // q6k.cpp
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear", &q4k_linear, "Q4_K weights x int8 activations (batch-invariant)");
+  m.def("linear_q6k", &q6k_linear, "Q6_K weights x int8 activations (batch-invariant)");
   m.def("has_vnni", &q4k_has_vnni, "whether the AVX-512 VNNI kernel runs on this CPU");
 }

@@ -1,0 +1,76 @@
+"""What the kernels for a GGUF file's own quantised blocks share (models/q4k.py for Q4_K,
+models/q6k.py for Q6_K): the compiled C++ extension (kernels/), which holds both, and the tiles of
+4-bit values both lay their weights out in."""
+
+from __future__ import annotations
+
+import hashlib
+from functools import cache
+from pathlib import Path
+
+import torch
+
+QK = 256  # inputs per super-block, in both formats
+
+
+@cache
+def kernel():
+    """The compiled extension (built once per machine into torch's extension cache)."""
+    from torch.utils.cpp_extension import load
+
+    folder = Path(__file__).with_name("kernels")
+    files = sorted(folder.glob("*.cpp")) + sorted(folder.glob("*.h"))
+    # named by the files' contents: torch's loader rebuilds when a source changes but not when only a
+    # header does (acts.h), so a changed header gets another name, never a stale build
+    digest = hashlib.sha256(b"".join(f.name.encode() + f.read_bytes() for f in files)).hexdigest()[:10]
+    # -fopenmp: at::parallel_for is inline OpenMP in the extension's own code; without the flag it runs
+    # on one thread. The OpenMP runtime is the one torch has already loaded (the same libgomp.so.1).
+    return load(name=f"adaspec_kernels_{digest}", sources=[str(f) for f in files if f.suffix == ".cpp"],
+                extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
+
+
+def nibble_tiles(q: torch.Tensor) -> torch.Tensor:
+    """4-bit values (N, K) uint8 -> tiles (N/16, K/8, 64) of 16 outputs x 8 inputs, byte 4o + i holding
+    input i of output o in its low nibble and input 4 + i in its high nibble."""
+    n, k = q.shape
+    if n % 16 or k % 8:
+        raise ValueError(f"tiles need a multiple of 16 outputs and 8 inputs, got {n} x {k}")
+    t = q.reshape(n // 16, 16, k // 8, 2, 4).permute(0, 2, 1, 4, 3)  # (tile, g, o, i, half)
+    return (t[..., 0] | (t[..., 1] << 4)).reshape(n // 16, k // 8, 64).contiguous()
+
+
+def tile_nibbles(w4: torch.Tensor) -> torch.Tensor:
+    """`nibble_tiles` undone: tiles (T, K/8, 64) -> the 4-bit values (16 T, K) uint8."""
+    tiles, groups = w4.shape[:2]
+    t = w4.reshape(tiles, groups, 16, 4)
+    q = torch.stack([t & 15, t >> 4], dim=3)  # (tile, g, o, half, i)
+    return q.permute(0, 2, 1, 3, 4).reshape(tiles * 16, groups * 8)
+
+
+class BlockLinear(torch.nn.Module):
+    """y = x W^T (+ bias) with W held in a kernel's packed tiles (`parts`, in that order: a model's
+    fingerprint reads them); x (..., K) float32 -> (..., N) float32. Subclasses name their parts and
+    call their kernel (`_rows`)."""
+
+    parts: tuple[str, ...] = ()
+
+    def __init__(self, packed: dict[str, torch.Tensor], bias: torch.Tensor | None, kernel_name: str):
+        super().__init__()
+        self.out_features = packed["w4"].shape[0] * 16
+        self.in_features = packed["w4"].shape[1] * 8
+        for name in self.parts:
+            self.register_buffer(name, packed[name])
+        self.bias = bias
+        self.kernel_name = kernel_name
+
+    def _rows(self, rows: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self._rows(x.reshape(-1, self.in_features).float().contiguous())
+        if self.bias is not None:
+            out = out + self.bias
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
