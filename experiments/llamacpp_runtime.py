@@ -115,14 +115,14 @@ def q6k_as_int8(adapter, role: str):
     """The q4k model with its Q6_K layers as int8 with per-channel scales (q4k until session 11), on
     the same runtime."""
     from adaspec.models.fast import FastDecoder
-    from adaspec.models.q6k import Q6KLinear, dequantize, unpack_tiles
+    from adaspec.models.q6k import PARTS, Q6KLinear, dequantize, unpack_tiles
     from adaspec.models.quant import Int8Linear
 
     model = adapter.model
     for name, m in list(model.named_modules()):
         if isinstance(m, Q6KLinear):
             float_layer = torch.nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
-            float_layer.weight.data = dequantize(unpack_tiles({k: getattr(m, k) for k in ("w4", "w2", "sc", "d")}))
+            float_layer.weight.data = dequantize(unpack_tiles({k: getattr(m, k) for k in PARTS}))
             if m.bias is not None:
                 float_layer.bias.data = m.bias.clone()
             parent, _, child = name.rpartition(".")

@@ -49,12 +49,15 @@ def tile_nibbles(w4: torch.Tensor) -> torch.Tensor:
 
 class BlockLinear(torch.nn.Module):
     """y = x W^T (+ bias) with W held in a kernel's packed tiles (`parts`, in that order: a model's
-    fingerprint reads them); x (..., K) float32 -> (..., N) float32. Subclasses name their parts and
-    call their kernel (`_rows`)."""
+    fingerprint reads them); x (..., K) float32 -> (..., N) float32. Subclasses name their kind
+    (what a packed copy records, models/packed.py) and parts, and call their kernel (`_rows`)."""
 
+    kind: str = ""
     parts: tuple[str, ...] = ()
 
-    def __init__(self, packed: dict[str, torch.Tensor], bias: torch.Tensor | None, kernel_name: str):
+    def __init__(self, packed: dict[str, torch.Tensor], bias: torch.Tensor | None = None, *,
+                 kernel_name: str = "auto"):
+        """packed: the kernel's tensors of one matrix (its format's `pack_tiles`)."""
         super().__init__()
         self.out_features = packed["w4"].shape[0] * 16
         self.in_features = packed["w4"].shape[1] * 8
@@ -62,6 +65,11 @@ class BlockLinear(torch.nn.Module):
             self.register_buffer(name, packed[name])
         self.bias = bias
         self.kernel_name = kernel_name
+
+    @classmethod
+    def from_packed(cls, packed: dict[str, torch.Tensor], bias: torch.Tensor | None = None, *,
+                    kernel_name: str = "auto") -> "BlockLinear":
+        return cls(packed, bias, kernel_name=kernel_name)
 
     def _rows(self, rows: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

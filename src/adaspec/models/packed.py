@@ -145,19 +145,15 @@ def save(model: nn.Module, tokenizer, folder: Path) -> None:
     from safetensors.torch import save_file
 
     from adaspec.models import convert_cache as cc
-    from adaspec.models import q6k
-    from adaspec.models.q4k import PACKED_PARTS, Q4KLinear
+    from adaspec.models.extension import BlockLinear
     from adaspec.models.quant import Int8Linear
 
     tensors, modules, plain = {}, {}, {}
     rotary = {n for n, m in model.named_modules() if n.endswith("rotary_emb")}
     for name, m in model.named_modules():
-        if isinstance(m, Q4KLinear):
-            modules[name] = {"kind": "q4k", "kernel": m.kernel_name}
-            tensors.update({f"{name}.{p}": getattr(m, p) for p in PACKED_PARTS})
-        elif isinstance(m, q6k.Q6KLinear):
-            modules[name] = {"kind": "q6k", "kernel": m.kernel_name}
-            tensors.update({f"{name}.{p}": getattr(m, p) for p in q6k.PARTS})
+        if isinstance(m, BlockLinear):  # Q4_K or Q6_K tiles
+            modules[name] = {"kind": m.kind, "kernel": m.kernel_name}
+            tensors.update({f"{name}.{p}": getattr(m, p) for p in m.parts})
         elif isinstance(m, Int8Linear):
             w = m.weight_int8()
             modules[name] = {"kind": "int8", "levels": m.levels}
@@ -195,9 +191,8 @@ def load(folder: Path, name: str, *, fix: str):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     from adaspec.models import convert_cache as cc
-    from adaspec.models import q6k
     from adaspec.models.hf import HFAdapter, HFTokenizer, _quiet_loading
-    from adaspec.models.q4k import PACKED_PARTS, Q4KLinear
+    from adaspec.models.q4k import BLOCK_LAYERS
     from adaspec.models.quant import Int8Linear, _prepack, _quant_quiet, _use_row_attention
 
     why = cc.damaged(folder)
@@ -217,12 +212,10 @@ def load(folder: Path, name: str, *, fix: str):
     try:
         for mname, spec in info["modules"].items():
             bias = tensors.get(f"{mname}.bias")
-            if spec["kind"] == "q4k":
-                module = Q4KLinear(None, bias, kernel_name=spec["kernel"],
-                                   packed={p: tensors[f"{mname}.{p}"] for p in PACKED_PARTS})
-            elif spec["kind"] == "q6k":
-                module = q6k.Q6KLinear({p: tensors[f"{mname}.{p}"] for p in q6k.PARTS}, bias,
-                                       kernel_name=spec["kernel"])
+            if spec["kind"] in BLOCK_LAYERS:  # Q4_K or Q6_K tiles
+                cls = BLOCK_LAYERS[spec["kind"]]
+                module = cls.from_packed({p: tensors[f"{mname}.{p}"] for p in cls.parts}, bias,
+                                         kernel_name=spec["kernel"])
             elif spec["kind"] == "int8":
                 ints = tensors.pop(f"{mname}.int8")
                 with _quant_quiet():

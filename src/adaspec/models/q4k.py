@@ -39,6 +39,7 @@ import torch
 
 from adaspec.config import AdaspecError
 from adaspec.models.extension import QK, BlockLinear, kernel, nibble_tiles
+from adaspec.models import q6k
 
 BLOCK_BYTES = 144  # ggml block_q4_K: d, dmin (fp16), scales[12], qs[128]
 
@@ -112,12 +113,18 @@ def pack_tiles(w: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 class Q4KLinear(BlockLinear):
     """y = x W^T (+ bias) with W held as Q4_K; x (..., K) float32 -> (..., N) float32."""
 
+    kind = "q4k"
     parts = ("w4", "sc", "mn", "d", "dm")
 
     def __init__(self, weights: dict[str, torch.Tensor] | None, bias: torch.Tensor | None = None, *,
                  kernel_name: str = "auto", packed: dict[str, torch.Tensor] | None = None):
         """weights: `unpack_q4k`'s tensors of one matrix (or packed: `pack_tiles`' of one already)."""
-        super().__init__(pack_tiles(weights) if packed is None else packed, bias, kernel_name)
+        super().__init__(pack_tiles(weights) if packed is None else packed, bias, kernel_name=kernel_name)
+
+    @classmethod
+    def from_packed(cls, packed: dict[str, torch.Tensor], bias: torch.Tensor | None = None, *,
+                    kernel_name: str = "auto") -> "Q4KLinear":
+        return cls(None, bias, kernel_name=kernel_name, packed=packed)
 
     def _rows(self, rows: torch.Tensor) -> torch.Tensor:
         return kernel().linear(rows, self.w4, self.sc, self.mn, self.d, self.dm, self.kernel_name)
@@ -143,7 +150,7 @@ def fuse_q4k(linears: list[Q4KLinear]) -> Q4KLinear:
         for name, t in packed.items():
             setattr(m, name, t[start:start + tiles])
         start += tiles
-    fused = Q4KLinear(None, bias, kernel_name=linears[0].kernel_name, packed=packed)
+    fused = Q4KLinear.from_packed(packed, bias, kernel_name=linears[0].kernel_name)
     linears[0].fused = ([id(m) for m in linears], fused)
     return fused
 
@@ -157,6 +164,8 @@ GGUF_LINEARS = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "att
 PACK_VERSION = 3  # the kernels' layouts (pack_tiles, q6k.pack_tiles; 3: Q6_K layers too); another is another folder
 PACKED_FILE = "q4k.safetensors"
 PACKED_PARTS = Q4KLinear.parts
+# the layers a packed copy may hold, by the kind it records (models/packed.py)
+BLOCK_LAYERS: dict[str, type[BlockLinear]] = {cls.kind: cls for cls in (Q4KLinear, q6k.Q6KLinear)}
 
 
 @dataclass(frozen=True)
@@ -211,8 +220,6 @@ def module_for(tensor_name: str) -> str | None:
 def _from_gguf(model: torch.nn.Module, gguf_path: str | Path) -> dict[str, dict[str, torch.Tensor]]:
     from gguf import GGMLQuantizationType, GGUFReader
 
-    from adaspec.models import q6k
-
     formats = {GGMLQuantizationType.Q4_K: (unpack_q4k, dequantize, pack_tiles),
                GGMLQuantizationType.Q6_K: (q6k.unpack_q6k, q6k.dequantize, q6k.pack_tiles)}
     packed = {}
@@ -241,24 +248,24 @@ def _from_gguf(model: torch.nn.Module, gguf_path: str | Path) -> dict[str, dict[
 def _replace(modules: dict, name: str, packed: dict[str, torch.Tensor]) -> None:
     """Swap the float layer `name` for the Q4_K or Q6_K layer of these packed tensors (Q6_K's have a
     `w2` plane of high bits)."""
-    from adaspec.models.q6k import Q6KLinear
-
     linear = modules[name]
     bias = None if linear.bias is None else linear.bias.detach().clone()
     parent, _, child = name.rpartition(".")
-    layer = Q6KLinear(packed, bias) if "w2" in packed else Q4KLinear(None, bias, packed=packed)
-    setattr(modules[parent], child, layer)
+    setattr(modules[parent], child, (q6k.Q6KLinear if "w2" in packed else Q4KLinear).from_packed(packed, bias))
 
 
 def _apply_packed(model: torch.nn.Module, folder: Path) -> list[str]:
     from safetensors.torch import load_file
 
-    tensors = load_file(str(folder / PACKED_FILE))
-    names = sorted({key.rsplit(".", 1)[0] for key in tensors})
+    layers: dict[str, dict[str, torch.Tensor]] = {}  # layer name -> its packed tensors by part
+    for key, t in load_file(str(folder / PACKED_FILE)).items():
+        name, _, part = key.rpartition(".")
+        layers.setdefault(name, {})[part] = t
+    names = sorted(layers)
     modules = dict(model.named_modules())
     for name in names:
         linear = modules.get(name)
-        packed = {part.rsplit(".", 1)[1]: t for part, t in tensors.items() if part.rsplit(".", 1)[0] == name}
+        packed = layers[name]
         if type(linear) is not torch.nn.Linear or "w4" not in packed or tuple(linear.weight.shape) != (
                 packed["w4"].shape[0] * 16, packed["w4"].shape[1] * 8):
             raise AdaspecError(f"the packed Q4_K copy {folder} does not fit this model (layer {name}); load the "

@@ -98,12 +98,8 @@ def unpack_tiles(packed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 class Q6KLinear(BlockLinear):
     """y = x W^T (+ bias) with W held as Q6_K; x (..., K) float32 -> (..., N) float32."""
 
+    kind = "q6k"
     parts = PARTS
-
-    def __init__(self, packed: dict[str, torch.Tensor], bias: torch.Tensor | None = None, *,
-                 kernel_name: str = "auto"):
-        """packed: `pack_tiles`' tensors of one matrix."""
-        super().__init__(packed, bias, kernel_name)
 
     def _rows(self, rows: torch.Tensor) -> torch.Tensor:
         return kernel().linear_q6k(rows, self.w4, self.w2, self.sc, self.d, self.kernel_name)

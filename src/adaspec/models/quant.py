@@ -255,12 +255,10 @@ def replace_linears(model: nn.Module, make, *, skip: set[str] = frozenset()) -> 
 def is_quantized(adapter: ModelAdapter) -> bool:
     """True when the adapter's model holds at least one quantised layer: Int8Linear, or the q4k
     mode's Q4KLinear and Q6KLinear (a q4k model may hold no int8 layer at all)."""
-    from adaspec.models.q4k import Q4KLinear
-    from adaspec.models.q6k import Q6KLinear
+    from adaspec.models.extension import BlockLinear
 
     model = getattr(adapter, "model", None)
-    kinds = (Int8Linear, Q4KLinear, Q6KLinear)
-    return isinstance(model, nn.Module) and any(isinstance(m, kinds) for m in model.modules())
+    return isinstance(model, nn.Module) and any(isinstance(m, Int8Linear | BlockLinear) for m in model.modules())
 
 
 def _use_row_attention(model: nn.Module) -> bool:
