@@ -111,18 +111,19 @@ def greedy(engines: dict[str, Engine], n_prompts: int, tokens: int) -> dict[str,
     return out
 
 
-def q6k_as_int8(adapter, role: str):
-    """The q4k model with its Q6_K layers as int8 with per-channel scales (q4k until session 11), on
-    the same runtime."""
+def blocks_as_int8(adapter, role: str, kind: str):
+    """The q4k model with its layers of one kind (q6k: until session 11, q5_0: until session 12) as
+    int8 with per-channel scales, on the same runtime."""
+    from adaspec.models import q5_0, q6k
     from adaspec.models.fast import FastDecoder
-    from adaspec.models.q6k import PARTS, Q6KLinear, dequantize, unpack_tiles
     from adaspec.models.quant import Int8Linear
 
+    fmt = {"q6k": q6k, "q5_0": q5_0}[kind]
     model = adapter.model
     for name, m in list(model.named_modules()):
-        if isinstance(m, Q6KLinear):
+        if getattr(m, "kind", None) == kind:
             float_layer = torch.nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
-            float_layer.weight.data = dequantize(unpack_tiles({k: getattr(m, k) for k in PARTS}))
+            float_layer.weight.data = fmt.dequantize(fmt.unpack_tiles({k: getattr(m, k) for k in fmt.PARTS}))
             if m.bias is not None:
                 float_layer.bias.data = m.bias.clone()
             parent, _, child = name.rpartition(".")
@@ -136,9 +137,13 @@ def main() -> None:
     p.add_argument("--prompts", type=int, default=6)
     p.add_argument("--tokens", type=int, default=96)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--quant", nargs="+", default=["int8", "q4k"], choices=["int8", "q4k", "q4k-int8-q6k"],
+    p.add_argument("--quant", nargs="+", default=["int8", "q4k"],
+                   choices=["int8", "q4k", "q4k-int8-q6k", "q4k-int8-q5_0"],
                    help="adaspec's forms to run beside llama.cpp (default: int8 and q4k; q4k-int8-q6k: q4k "
-                        "with the file's Q6_K layers as int8, as q4k ran until session 11)")
+                        "with the file's Q6_K layers as int8, as q4k ran until session 11; q4k-int8-q5_0: "
+                        "with its Q5_0 layers as int8, as until session 12)")
+    p.add_argument("--roles", nargs="+", default=["target", "drafter"], choices=["target", "drafter"],
+                   help="which models to time (the greedy decoding needs the target)")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     from adaspec.calibration.identity import device_name
@@ -146,10 +151,13 @@ def main() -> None:
     print(f"machine: {device_name(torch.device('cpu'))}, {a.threads} threads; median of {a.reps}")
     engines = {}
     for name, role in (("qwen2.5-coder-1.5b", "target"), ("qwen2.5-coder-0.5b", "drafter")):
+        if role not in a.roles:
+            continue
         adapters = {}
         for quant in a.quant:  # each as the engine runs it (load_model's default runtime for the role)
-            if quant == "q4k-int8-q6k":
-                adapters[f"adaspec {quant}"] = q6k_as_int8(load_model(name, quant="q4k", role=role)[0], role)
+            if quant.startswith("q4k-int8-"):
+                adapters[f"adaspec {quant}"] = blocks_as_int8(load_model(name, quant="q4k", role=role)[0], role,
+                                                              quant.removeprefix("q4k-int8-"))
             else:
                 adapters[f"adaspec {quant}"], tok = load_model(name, quant=quant, role=role)
         lcpp = anchors._model(_gguf_file(name), a.threads, role)
@@ -166,6 +174,8 @@ def main() -> None:
         if role == "target":
             engines = {k.removeprefix("adaspec "): Engine(ad, None, tok, target_name=name) for k, ad in adapters.items()}
         del adapters, lcpp
+    if not engines:
+        return
     print(f"\nplain greedy decoding, {a.prompts} Spec-Bench prompts, {a.tokens} new tokens, alternating:")
     for k, rows in greedy(engines, a.prompts, a.tokens).items():
         print(f"{k}: {statistics.fmean(r[0] for r in rows):.1f} tok/s end to end, "

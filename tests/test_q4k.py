@@ -1,4 +1,4 @@
-"""Q4_K and Q6_K weights computed as they are stored (models/q4k.py, models/q6k.py): the unpacking
+"""Q4_K, Q6_K and Q5_0 weights computed as they are stored (models/q4k.py, q6k.py, q5_0.py): the unpacking
 reproduces ggml's dequantisation exactly, the packed tiles give back the file's values, the kernels
 are batch-invariant (a k-row forward is bit-identical to k one-row forwards), the same on the
 portable loop, and close to float, and a q4k target keeps greedy speculation identical to its own
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from adaspec.config import AdaspecError
-from adaspec.models import q4k, q6k
+from adaspec.models import q4k, q5_0, q6k
 from adaspec.models.registry import is_pulled, path
 
 QWEN = "qwen2.5-coder-0.5b"
@@ -31,29 +31,38 @@ def random_q6k(n: int, k: int, seed: int = 0) -> dict[str, torch.Tensor]:
             "d": torch.rand(n, k // 256, generator=g) * 0.001}
 
 
+def random_q5_0(n: int, k: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {"q": torch.randint(0, 32, (n, k), generator=g, dtype=torch.uint8),
+            "d": (torch.rand(n, k // 32, generator=g) * 0.01 - 0.005).to(torch.float16)}
+
+
 def random_layer(fmt: str, n: int, k: int, seed: int = 0, **kwargs) -> tuple[torch.nn.Module, torch.Tensor]:
-    """A Q4_K or Q6_K layer of random weights, and its weights de-quantised."""
+    """A Q4_K, Q6_K or Q5_0 layer of random weights, and its weights de-quantised."""
     if fmt == "q4k":
         w = random_weights(n, k, seed)
         return q4k.Q4KLinear(w, **kwargs), q4k.dequantize(w)
+    if fmt == "q5_0":
+        w = random_q5_0(n, k, seed)
+        return q5_0.Q50Linear(q5_0.pack_tiles(w), **kwargs), q5_0.dequantize(w)
     w = random_q6k(n, k, seed)
     return q6k.Q6KLinear(q6k.pack_tiles(w), **kwargs), q6k.dequantize(w)
 
 
-@pytest.mark.parametrize("fmt", ["q4k", "q6k"])
+@pytest.mark.parametrize("fmt,k", [("q4k", 512), ("q6k", 512), ("q5_0", 544)])  # Q5_0: 17 blocks of 32
 @pytest.mark.parametrize("kernel_name", ["auto", "portable"])
-def test_kernel_rows_are_batch_invariant_and_close_to_float(fmt, kernel_name):
-    lin, weight = random_layer(fmt, 80, 512, kernel_name=kernel_name)  # 5 tiles: one row takes 4, then 1
-    x = torch.randn(21, 512, generator=torch.Generator().manual_seed(1))  # groups of 6 rows and a last one of 3
+def test_kernel_rows_are_batch_invariant_and_close_to_float(fmt, k, kernel_name):
+    lin, weight = random_layer(fmt, 80, k, kernel_name=kernel_name)  # 5 tiles: one row takes 4, then 1
+    x = torch.randn(21, k, generator=torch.Generator().manual_seed(1))  # groups of 6 rows and a last one of 3
     y = lin(x)
     singles = torch.cat([lin(x[i:i + 1]) for i in range(x.shape[0])])
     assert torch.equal(y, singles)
     assert torch.equal(lin(x[3:8]), y[3:8])
     ref = x @ weight.T
-    assert float((y - ref).norm() / ref.norm()) < 0.02  # int8 activations, per 256-block scale
+    assert float((y - ref).norm() / ref.norm()) < 0.02  # int8 activations, per 256- (Q5_0: 32-) block scale
 
 
-@pytest.mark.parametrize("fmt", ["q4k", "q6k"])
+@pytest.mark.parametrize("fmt", ["q4k", "q6k", "q5_0"])
 def test_vectorised_and_portable_kernels_agree_bit_for_bit(fmt):
     bias = torch.randn(48, generator=torch.Generator().manual_seed(5))
     fast = random_layer(fmt, 48, 768, seed=2, bias=bias)[0]
@@ -62,15 +71,23 @@ def test_vectorised_and_portable_kernels_agree_bit_for_bit(fmt):
     assert torch.equal(fast(x), slow(x))  # the same integers, the same fmas per block in the same order
 
 
-def test_fused_layers_give_each_layer_its_own_outputs_bit_for_bit():
+@pytest.mark.parametrize("fmt", ["q4k", "q6k", "q5_0"])
+def test_fused_layers_give_each_layer_its_own_outputs_bit_for_bit(fmt):
     g = torch.Generator().manual_seed(4)
-    parts = [q4k.Q4KLinear(random_weights(n, 512, seed=n), bias) for n, bias in
-             ((64, torch.randn(64, generator=g)), (32, None), (16, torch.randn(16, generator=g)))]
-    fused = q4k.fuse_q4k(parts)
+    parts = []
+    for n, bias in ((64, torch.randn(64, generator=g)), (32, None), (16, torch.randn(16, generator=g))):
+        layer = random_layer(fmt, n, 512, seed=n)[0]
+        layer.bias = bias
+        parts.append(layer)
+    alone = [m(torch.ones(1, 512)) for m in parts]
+    fused = q4k.fuse_blocks(parts)
     x = torch.randn(3, 512, generator=g)
     assert torch.equal(fused(x), torch.cat([m(x) for m in parts], dim=-1))
+    assert all(torch.equal(m(torch.ones(1, 512)), y) for m, y in zip(parts, alone))  # each keeps working
     with pytest.raises(ValueError, match="same input"):
-        q4k.fuse_q4k([parts[0], q4k.Q4KLinear(random_weights(16, 256))])
+        q4k.fuse_blocks([parts[0], random_layer(fmt, 16, 256)[0]])
+    with pytest.raises(ValueError, match="one kind"):
+        q4k.fuse_blocks([parts[0], random_layer("q6k" if fmt != "q6k" else "q4k", 16, 512)[0]])
 
 
 def test_the_cpu_flags_and_the_built_kernel_agree_on_the_vectorised_path():
@@ -143,7 +160,7 @@ def test_packed_layers_are_kept_reused_bit_for_bit_and_refused_when_damaged(tmp_
             return names, model(ids[None]).logits[0]
 
     names, first = logits()
-    assert len(names) == 24 and (cache.folder / q4k.PACKED_FILE).is_file()  # 12 Q4_K and 12 Q6_K ffn_down
+    assert len(names) == 156 and (cache.folder / q4k.PACKED_FILE).is_file()  # ffn_down: 12 Q4_K, 12 Q6_K; 132 Q5_0
     monkeypatch.setattr(q4k, "_from_gguf", lambda *a: pytest.fail("the kept copy was not used"))
     again, second = logits()
     assert again == sorted(names) and torch.equal(first, second)
@@ -217,3 +234,48 @@ def test_the_q4k_model_computes_its_q6k_layers_with_the_files_values():
     x = torch.randn(5, 4864, generator=torch.Generator().manual_seed(8))
     layer = next(iter(layers.values()))
     assert torch.equal(layer(x), torch.cat([layer(x[i:i + 1]) for i in range(5)]))
+
+
+def test_q5_0_tiles_give_back_the_values_and_refuse_bad_shapes():
+    w = random_q5_0(48, 96, seed=9)
+    back = q5_0.unpack_tiles(q5_0.pack_tiles(w))
+    assert torch.equal(back["q"], w["q"]) and torch.equal(back["d"], w["d"])
+    with pytest.raises(ValueError, match="multiple of 16"):
+        q5_0.pack_tiles(random_q5_0(8, 64))
+    with pytest.raises(ValueError, match="Q5_0 rows"):
+        q5_0.unpack_q5_0(np.zeros((4, 100), np.uint8))
+
+
+@needs_qwen
+def test_q5_0_unpacking_reproduces_ggml_dequantisation_exactly():
+    from gguf import GGMLQuantizationType, GGUFReader
+    from gguf.quants import dequantize
+
+    reader = GGUFReader(str(path(QWEN)))
+    t = next(t for t in reader.tensors if t.tensor_type == GGMLQuantizationType.Q5_0 and t.name.startswith("blk."))
+    raw = np.asarray(t.data)
+    w = q5_0.unpack_q5_0(raw)
+    assert torch.equal(q5_0.dequantize(w), torch.from_numpy(dequantize(raw, t.tensor_type).astype(np.float32)))
+    assert int(w["q"].max()) == 31 and int(w["q"].min()) == 0  # five bits used whole
+
+
+@needs_qwen
+def test_the_q4k_model_computes_its_q5_0_layers_with_the_files_values():
+    from gguf import GGMLQuantizationType, GGUFReader
+
+    from adaspec.api import load_model
+
+    reader = GGUFReader(str(path(QWEN)))
+    in_file = {q4k.module_for(t.name) for t in reader.tensors if t.tensor_type == GGMLQuantizationType.Q5_0}
+    in_file.discard(None)  # the token embedding: kept as the file's rows, no linear layer
+    drafter, _ = load_model(QWEN, quant="q4k")
+    layers = {n: m for n, m in drafter.model.named_modules() if isinstance(m, q5_0.Q50Linear)}
+    assert set(layers) == in_file and len(layers) == 24 * 5 + 12  # q, k, o, gate, up; half the v
+    name = "model.layers.0.mlp.up_proj"
+    t = next(t for t in reader.tensors if t.name == "blk.0.ffn_up.weight")
+    weight = q5_0.dequantize(q5_0.unpack_q5_0(np.asarray(t.data)))
+    x = torch.randn(5, 896, generator=torch.Generator().manual_seed(8))
+    y = layers[name](x)
+    assert torch.equal(y, torch.cat([layers[name](x[i:i + 1]) for i in range(5)]))
+    ref = x @ weight.T
+    assert float((y - ref).norm() / ref.norm()) < 0.02

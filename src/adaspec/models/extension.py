@@ -1,6 +1,6 @@
 """What the kernels for a GGUF file's own quantised blocks share (models/q4k.py for Q4_K,
-models/q6k.py for Q6_K): the compiled C++ extension (kernels/), which holds both, and the tiles of
-4-bit values both lay their weights out in."""
+models/q6k.py for Q6_K, models/q5_0.py for Q5_0): the compiled C++ extension (kernels/), which
+holds all three, and the tiles of 4-bit values they all lay their weights out in."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-QK = 256  # inputs per super-block, in both formats
+QK = 256  # inputs per super-block of Q4_K and Q6_K
 
 
 @cache

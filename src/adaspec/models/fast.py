@@ -15,7 +15,7 @@ rescale). Here the int8 projections that read the same input are fused into one 
 gate, up: bit-identical, `fuse_int8`), and with ``exact_rows=False`` every int8 layer becomes one
 fbgemm dynamic-quantisation call (`DynamicInt8Linear`). A drafter's numbers only steer proposals,
 never what is committed, so this is free of any quality cost. A q4k target runs here with exact
-rows, its Q4_K projections fused on the same weights (`q4k.fuse_q4k`); an int8 target stays on
+rows, its Q4_K projections fused on the same weights (`q4k.fuse_blocks`); an int8 target stays on
 transformers' forward by default (chosen while fusing int8 projections copied their weights; since
 session 10 the separate layers give their copies up, `quant.fuse_int8`). The
 measurements behind these choices are in docs/method.md ("Drafter runtime") and docs/runtime.md.
@@ -28,6 +28,8 @@ The transformers model stays intact (the `hf-*` benchmark baselines use it) and 
 """
 
 from __future__ import annotations
+
+import itertools
 
 import torch
 import torch.nn.functional as F
@@ -297,20 +299,34 @@ class _Layer:
 
 
 def _fused(linears: list, exact_rows: bool):
-    """h -> the outputs of `linears` (a tuple), with one kernel call when they are all int8 or all
-    Q4_K (each output bit-identical to its own layer's). Float layers stay separate: fusing them would
-    copy their weights (the transformers model keeps its own)."""
-    from adaspec.models.q4k import Q4KLinear, fuse_q4k
+    """h -> the outputs of `linears` (a tuple), neighbours of one kind (int8, Q4_K, Q6_K or Q5_0)
+    fused into one kernel call (each output bit-identical to its own layer's): a Q4_K_M file mixes
+    kinds within a layer (the 1.5B's q, k as Q4_K and v as Q6_K in half its layers; the 0.5B's q, k
+    as Q5_0 and v as Q8_0, run as int8). Float layers stay separate: fusing them would copy their
+    weights (the transformers model keeps its own)."""
+    calls = [_fuse_run(list(run), exact_rows) for _, run in itertools.groupby(linears, key=type)]
+    if len(calls) == 1:
+        return calls[0]
+    return lambda h: tuple(out for call in calls for out in call(h))
+
+
+def _fuse_run(linears: list, exact_rows: bool):
+    """h -> the outputs of `linears`, all of one type, as a tuple (one call where they fuse)."""
+    from adaspec.models.extension import BlockLinear
+    from adaspec.models.q4k import fuse_blocks
     from adaspec.models.quant import Int8Linear, fuse_int8
 
-    if all(isinstance(m, Q4KLinear) for m in linears):
-        fused = fuse_q4k(linears)
-    elif all(isinstance(m, Int8Linear) for m in linears):
+    if len(linears) > 1 and isinstance(linears[0], BlockLinear):
+        fused = fuse_blocks(linears)
+    elif len(linears) > 1 and isinstance(linears[0], Int8Linear):
         fused = fuse_int8(linears)
-        if not exact_rows:
-            fused = _one_call(fused)
     else:
-        return lambda h: tuple(m(h) for m in linears)
+        fused = None
+    if fused is None:
+        calls = linears if exact_rows else [_one_call(m) for m in linears]
+        return lambda h: tuple(m(h) for m in calls)
+    if not exact_rows:
+        fused = _one_call(fused)
     sizes = [m.out_features for m in linears]
     return lambda h: fused(h).split(sizes, dim=-1)
 

@@ -9,7 +9,8 @@ resident for 1.6 GB of GGUF files. Here the load reads only what is run:
 - every Q4_K linear layer as the kernel's packed tiles (models/q4k.py), bias apart;
 - every Q6_K linear layer, the output head included, as its kernel's packed tiles (models/q6k.py;
   since session 11, version 2 of the folder);
-- every other linear layer (Q5_0, Q8_0 in the file) as int8 with per-channel scales and
+- every Q5_0 linear layer as its kernel's packed tiles (models/q5_0.py; since session 12, version 3);
+- every other linear layer (Q8_0 in the file) as int8 with per-channel scales and
   its row sums (models/quant.py's `Int8Linear`: the same integers, scales and row sums as
   quantising the float layer, so the same outputs bit for bit);
 - the token embedding as the GGUF's own quantised rows (`GGUFEmbedding`), de-quantised per
@@ -40,7 +41,7 @@ import torch.nn as nn
 
 from adaspec.config import AdaspecError
 
-VERSION = 2  # what the folder holds and how (bump when either changes: another folder, never a stale one)
+VERSION = 3  # what the folder holds and how (bump when either changes: another folder, never a stale one)
 WEIGHTS = "model.safetensors"
 log = logging.getLogger("adaspec")
 
@@ -212,7 +213,7 @@ def load(folder: Path, name: str, *, fix: str):
     try:
         for mname, spec in info["modules"].items():
             bias = tensors.get(f"{mname}.bias")
-            if spec["kind"] in BLOCK_LAYERS:  # Q4_K or Q6_K tiles
+            if spec["kind"] in BLOCK_LAYERS:  # Q4_K, Q6_K or Q5_0 tiles
                 cls = BLOCK_LAYERS[spec["kind"]]
                 module = cls.from_packed({p: tensors[f"{mname}.{p}"] for p in cls.parts}, bias,
                                          kernel_name=spec["kernel"])

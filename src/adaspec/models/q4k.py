@@ -23,8 +23,9 @@ row's result depends on that row alone and is computed by the same instructions 
 a forward holds, so a k-row forward is bit-identical to k one-row forwards: the property lossless
 speculation rests on. CPUs without AVX-512 VNNI run a portable loop that gives the same results.
 
-The file's Q6_K layers (the output head, half of `attn_v` and `ffn_down` in a Q4_K_M file) have a
-kernel of their own in the same extension (models/q6k.py); `apply_gguf` places both.
+The file's Q6_K layers (the output head, half of `attn_v` and `ffn_down` in a Q4_K_M file) and Q5_0
+layers (those whose input size is no multiple of 256, as in the 0.5B) have kernels of their own in
+the same extension (models/q6k.py, models/q5_0.py); `apply_gguf` places all three.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ import torch
 
 from adaspec.config import AdaspecError
 from adaspec.models.extension import QK, BlockLinear, kernel, nibble_tiles
-from adaspec.models import q6k
+from adaspec.models import q5_0, q6k
 
 BLOCK_BYTES = 144  # ggml block_q4_K: d, dmin (fp16), scales[12], qs[128]
 
@@ -130,17 +131,19 @@ class Q4KLinear(BlockLinear):
         return kernel().linear(rows, self.w4, self.sc, self.mn, self.d, self.dm, self.kernel_name)
 
 
-def fuse_q4k(linears: list[Q4KLinear]) -> Q4KLinear:
-    """One Q4KLinear computing several that read the same input (q, k, v; gate, up), their outputs
-    side by side: tiles of 16 outputs are independent, so each output is bit-identical to its own
-    layer's, and a forward makes one kernel call (one pass over the activations, one thread
-    fork) instead of several."""
-    if len({m.in_features for m in linears}) != 1 or len({m.kernel_name for m in linears}) != 1:
-        raise ValueError("fused Q4_K layers must read the same input with the same kernel")
+def fuse_blocks(linears: list[BlockLinear]) -> BlockLinear:
+    """One layer of the same kind (Q4_K, Q6_K or Q5_0) computing several that read the same input
+    (q, k, v; gate, up), their outputs side by side: tiles of 16 outputs are independent, so each
+    output is bit-identical to its own layer's, and a forward makes one kernel call (one pass over
+    the activations, one thread fork) instead of several."""
+    kinds = {type(m) for m in linears}
+    if len(kinds) != 1 or len({m.in_features for m in linears}) != 1 or len({m.kernel_name for m in linears}) != 1:
+        raise ValueError("fused block layers must be of one kind and read the same input with the same kernel")
+    cls = kinds.pop()
     done = getattr(linears[0], "fused", None)  # a second runtime over the same model (batched serving)
     if done is not None and done[0] == [id(m) for m in linears]:
         return done[1]
-    packed = {name: torch.cat([getattr(m, name) for m in linears]) for name in PACKED_PARTS}
+    packed = {name: torch.cat([getattr(m, name) for m in linears]) for name in cls.parts}
     bias = None
     if any(m.bias is not None for m in linears):
         bias = torch.cat([m.bias if m.bias is not None else torch.zeros(m.out_features) for m in linears])
@@ -150,7 +153,7 @@ def fuse_q4k(linears: list[Q4KLinear]) -> Q4KLinear:
         for name, t in packed.items():
             setattr(m, name, t[start:start + tiles])
         start += tiles
-    fused = Q4KLinear.from_packed(packed, bias, kernel_name=linears[0].kernel_name)
+    fused = cls.from_packed(packed, bias, kernel_name=linears[0].kernel_name)
     linears[0].fused = ([id(m) for m in linears], fused)
     return fused
 
@@ -161,11 +164,10 @@ GGUF_LINEARS = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "att
                 "ffn_down": "mlp.down_proj"}
 
 
-PACK_VERSION = 3  # the kernels' layouts (pack_tiles, q6k.pack_tiles; 3: Q6_K layers too); another is another folder
+PACK_VERSION = 4  # the kernels' layouts (pack_tiles, q6k/q5_0.pack_tiles; 3: Q6_K layers too, 4: Q5_0); another is another folder
 PACKED_FILE = "q4k.safetensors"
-PACKED_PARTS = Q4KLinear.parts
 # the layers a packed copy may hold, by the kind it records (models/packed.py)
-BLOCK_LAYERS: dict[str, type[BlockLinear]] = {cls.kind: cls for cls in (Q4KLinear, q6k.Q6KLinear)}
+BLOCK_LAYERS: dict[str, type[BlockLinear]] = {cls.kind: cls for cls in (Q4KLinear, q6k.Q6KLinear, q5_0.Q50Linear)}
 
 
 @dataclass(frozen=True)
@@ -185,9 +187,9 @@ class PackCache:
 
 
 def apply_gguf(model: torch.nn.Module, gguf_path: str | Path, cache: PackCache | None = None) -> list[str]:
-    """Replace every linear layer of `model` whose GGUF weight is Q4_K by a Q4KLinear, and every one
-    whose weight is Q6_K (the output head included) by a Q6KLinear (models/q6k.py), on those very
-    bytes; returns the names replaced. Each replaced weight must equal the model's float weight (the
+    """Replace every linear layer of `model` whose GGUF weight is Q4_K by a Q4KLinear, every one
+    whose weight is Q6_K (the output head included) by a Q6KLinear (models/q6k.py) and every Q5_0 one
+    by a Q50Linear (models/q5_0.py), on those very bytes; returns the names replaced. Each replaced weight must equal the model's float weight (the
     model was converted from the same file), so a file that does not belong to the model is refused.
 
     cache: keep the packed layers on disk, so that later loads read them (about 1 s) instead of
@@ -221,7 +223,8 @@ def _from_gguf(model: torch.nn.Module, gguf_path: str | Path) -> dict[str, dict[
     from gguf import GGMLQuantizationType, GGUFReader
 
     formats = {GGMLQuantizationType.Q4_K: (unpack_q4k, dequantize, pack_tiles),
-               GGMLQuantizationType.Q6_K: (q6k.unpack_q6k, q6k.dequantize, q6k.pack_tiles)}
+               GGMLQuantizationType.Q6_K: (q6k.unpack_q6k, q6k.dequantize, q6k.pack_tiles),
+               GGMLQuantizationType.Q5_0: (q5_0.unpack_q5_0, q5_0.dequantize, q5_0.pack_tiles)}
     packed = {}
     modules = dict(model.named_modules())
     for t in GGUFReader(str(gguf_path)).tensors:
@@ -246,12 +249,13 @@ def _from_gguf(model: torch.nn.Module, gguf_path: str | Path) -> dict[str, dict[
 
 
 def _replace(modules: dict, name: str, packed: dict[str, torch.Tensor]) -> None:
-    """Swap the float layer `name` for the Q4_K or Q6_K layer of these packed tensors (Q6_K's have a
-    `w2` plane of high bits)."""
+    """Swap the float layer `name` for the block layer of these packed tensors (its kind told by the
+    parts they hold)."""
     linear = modules[name]
     bias = None if linear.bias is None else linear.bias.detach().clone()
     parent, _, child = name.rpartition(".")
-    setattr(modules[parent], child, (q6k.Q6KLinear if "w2" in packed else Q4KLinear).from_packed(packed, bias))
+    cls = next(c for c in BLOCK_LAYERS.values() if set(c.parts) == set(packed))
+    setattr(modules[parent], child, cls.from_packed(packed, bias))
 
 
 def _apply_packed(model: torch.nn.Module, folder: Path) -> list[str]:

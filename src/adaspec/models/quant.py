@@ -202,7 +202,8 @@ def quantize_adapter(adapter: ModelAdapter, mode: str, *, lm_head: bool = True, 
     mode: "int8" (CPU only, float32 models only; see the module docstring), or "q4k": the linear
         layers whose weights are Q4_K in the GGUF file `gguf` (the file the model was converted
         from) compute with those 4-bit weights (models/q4k.py), those whose weights are Q6_K (the
-        output head included) with their 6-bit weights (models/q6k.py), every other one is int8; `pack_cache`
+        output head included) with their 6-bit weights (models/q6k.py), the Q5_0 ones with their 5-bit
+        weights (models/q5_0.py), every other one is int8; `pack_cache`
         (a q4k.PackCache) keeps the packed layers on disk for the next load.
     lm_head: also quantise the output head (the Linear producing the vocab_size logits).
     copy: quantise a deep copy and leave `adapter` untouched (costs the float model's memory once

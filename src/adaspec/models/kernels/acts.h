@@ -1,7 +1,9 @@
-// What the GGUF-block kernels share (q4k.cpp, q6k.cpp): int8 activations, quantised per row and per
-// 256-block (symmetric, round to nearest even), and whether the CPU runs the AVX-512 VNNI forms.
+// What the GGUF-block kernels share (q4k.cpp, q6k.cpp, q5_0.cpp): int8 activations, quantised per row
+// and per block (symmetric, round to nearest even; 256-blocks for Q4_K and Q6_K, 32-blocks for Q5_0),
+// and whether the CPU runs the AVX-512 VNNI forms.
 #pragma once
 
+#include <ATen/Parallel.h>
 #include <immintrin.h>
 
 #include <algorithm>
@@ -53,12 +55,12 @@ inline void quantize_block_avx512(const float* xb, int8_t* qb, float* d) {
   }
 }
 
-inline void quantize_block_portable(const float* xb, int8_t* qb, float* d) {
+inline void quantize_block_portable(const float* xb, int8_t* qb, float* d, int n = QK) {
   float amax = 0.f;
-  for (int i = 0; i < QK; ++i) amax = std::max(amax, std::fabs(xb[i]));
+  for (int i = 0; i < n; ++i) amax = std::max(amax, std::fabs(xb[i]));
   const float iscale = amax > 0.f ? 127.f / amax : 0.f;
   *d = amax > 0.f ? amax / 127.f : 0.f;
-  for (int i = 0; i < QK; ++i) qb[i] = round_clamp(xb[i] * iscale);
+  for (int i = 0; i < n; ++i) qb[i] = round_clamp(xb[i] * iscale);
 }
 
 inline bool has_vnni() {
@@ -82,6 +84,22 @@ inline Acts quantize(const float* x, int64_t R, int64_t K, bool vector) {
       pair_sums(qb, &a.s[r * (K / 64) + b * 4]);
     }
   return a;
+}
+
+// Tiles of 16 outputs spread over the threads (q6k.cpp, q5_0.cpp): for one row four tiles at a time,
+// sharing each activation broadcast; for more rows one tile at a time, so that six rows' accumulators
+// stay in registers. four(t) computes tiles t .. t + 3, one(t) tile t; neither changes a result.
+template <class Four, class One>
+inline void for_tiles(int64_t tiles, int64_t R, Four four, One one) {
+  const int step = R == 1 ? 4 : 1;
+  at::parallel_for(0, (tiles + step - 1) / step, 4, [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) {
+      const int64_t t = i * step;
+      if (step == 4 && t + 4 <= tiles) four(t);
+      else
+        for (int64_t u = t; u < std::min(t + step, tiles); ++u) one(u);
+    }
+  });
 }
 
 }  // namespace adaspec_kernels

@@ -212,9 +212,12 @@ bool q4k_has_vnni() { return has_vnni(); }
 
 torch::Tensor q6k_linear(torch::Tensor x, torch::Tensor w4, torch::Tensor w2, torch::Tensor sc, torch::Tensor d,
                          const std::string& kernel);  // q6k.cpp
+torch::Tensor q5_0_linear(torch::Tensor x, torch::Tensor w4, torch::Tensor wh, torch::Tensor d,
+                          const std::string& kernel);  // q5_0.cpp
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear", &q4k_linear, "Q4_K weights x int8 activations (batch-invariant)");
   m.def("linear_q6k", &q6k_linear, "Q6_K weights x int8 activations (batch-invariant)");
+  m.def("linear_q5_0", &q5_0_linear, "Q5_0 weights x int8 activations (batch-invariant)");
   m.def("has_vnni", &q4k_has_vnni, "whether the AVX-512 VNNI kernel runs on this CPU");
 }

@@ -172,16 +172,7 @@ torch::Tensor q6k_linear(torch::Tensor x, torch::Tensor w4, torch::Tensor w2, to
     });
     return y;
   }
-  // One row: four tiles share each activation broadcast. More rows: one tile at a time, so that six
-  // rows' accumulators, the tile's four unpacked registers and the broadcasts stay in registers.
-  const int step = R == 1 ? 4 : 1;
-  at::parallel_for(0, (tiles + step - 1) / step, 4, [&](int64_t lo, int64_t hi) {
-    for (int64_t i = lo; i < hi; ++i) {
-      const int64_t t = i * step;
-      if (step == 4 && t + 4 <= tiles) tiles_vnni<4>(w, a, xs.data(), R, t, Y);
-      else
-        for (int64_t u = t; u < std::min(t + step, tiles); ++u) tiles_vnni<1>(w, a, xs.data(), R, u, Y);
-    }
-  });
+  for_tiles(tiles, R, [&](int64_t t) { tiles_vnni<4>(w, a, xs.data(), R, t, Y); },
+            [&](int64_t t) { tiles_vnni<1>(w, a, xs.data(), R, t, Y); });
   return y;
 }
