@@ -44,6 +44,12 @@ QUANTS = ("auto", "none", "int8", "q4k")
 # cost-aware), and well ahead on HumanEval (docs/results/humaneval-int8). Engine.default_method
 # falls back from it.
 DEFAULT_METHOD = "multi-draft-calibrated"
+# With a draft head loaded (the default target ships one), its method is the default instead: on the
+# q4k runtime the 0.5B drafter costs half a target step and multi-draft-calibrated fell to 0.98x `ar`
+# on Spec-Bench, while `head` gave 1.15x (docs/results/spec-bench-q4k-s11); session 12, with the head
+# retrained on 1,913 answers: `head` 1.17x `ar` and 1.48x llama.cpp, multi-draft-calibrated 0.99x
+# (docs/results/spec-bench-q4k-s12).
+HEAD_METHOD = "head"
 # Calibration profiles shipped with the package: (target, drafter, quant) -> file in calibration/profiles.
 SHIPPED_PROFILES = {(DEFAULT_TARGET, DEFAULT_DRAFTER, "q4k"): "qwen2.5-coder-q4k.json",
                     (DEFAULT_TARGET, DEFAULT_DRAFTER, "int8"): "qwen2.5-coder-int8.json"}
@@ -51,7 +57,7 @@ SHIPPED_PROFILES = {(DEFAULT_TARGET, DEFAULT_DRAFTER, "q4k"): "qwen2.5-coder-q4k
 # Trained by `adaspec train-head` (docs/method.md, "Draft head"; curve in docs/results/draft-head).
 SHIPPED_HEADS: dict[str, tuple[str, str]] = {
     DEFAULT_TARGET: ("qwen2.5-coder-1.5b-head.safetensors",
-                     "00ef5c96955dac17ff357d5c9c1b303086fbf9927f36c54b81d2e1995ccf1d3d"),
+                     "b43f7b5d30bc6cebcf3375ad3d20de0fdeede2519caaf2f2e3dd4d61c5dbcbee"),
 }
 
 
@@ -390,9 +396,19 @@ class Engine:
 
     @property
     def default_method(self) -> str:
-        """The method a request that names none runs: the best measured one (DEFAULT_METHOD) when
-        this engine has a profile, the uncalibrated adaptive `cmasd` with a drafter model and no
+        """The method a request that names none runs: the draft head (`head`) when this engine has
+        one (the shipped head of the default target: the fastest lossless method measured on the
+        q4k runtime, see HEAD_METHOD); else the best measured drafter-model method (DEFAULT_METHOD)
+        when it has a profile, the uncalibrated adaptive `cmasd` with a drafter model and no
         profile, prompt lookup (`ngram`) without a drafter model."""
+        if self._head is not None or self._head_file is not None:
+            return HEAD_METHOD
+        return self.default_method_without_head
+
+    @property
+    def default_method_without_head(self) -> str:
+        """`default_method` as if no head were loaded: what a batched server runs for requests that
+        name no method (the head keeps one cache, batching.py)."""
         if self.drafter is None:
             return "ngram"
         return DEFAULT_METHOD if self.profile is not None else "cmasd"

@@ -115,8 +115,12 @@ class Service:
     def __init__(self, engine: Engine, settings: ServerSettings):
         if engine.tokenizer is None:
             raise AdaspecError("the server needs an engine with a tokenizer (it speaks text)")
-        if settings.method is None:
-            settings = dataclasses.replace(settings, method=engine.default_method)
+        if settings.method is None:  # a batched server leaves the head out (it keeps one cache, batching.py)
+            from adaspec.batching import can_batch
+
+            batched = settings.max_batch > 1 and can_batch(engine) is None
+            settings = dataclasses.replace(settings, method=engine.default_method_without_head if batched
+                                           else engine.default_method)
         self.engine, self.settings = engine, settings.validate()
         self.model_name = settings.model_name or engine.target_name
         self.started = int(time.time())
