@@ -198,6 +198,9 @@ def test_the_shipped_head_is_whole_small_and_for_the_default_target():
     assert stored.target == DEFAULT_TARGET and stored.vocab.vocab_size == 151936
     assert stored.info["steps"] > 0 and stored.info["held_out_top1"]
     assert SHIPPED_HEADS[DEFAULT_TARGET][0] == path.name
+    # kept as stored (half the memory of float32 until the head is built), built in float32
+    assert {t.dtype for t in stored.state.values()} == {torch.float16}
+    assert {p.dtype for p in stored.build().parameters()} == {torch.float32}
     assert shipped_head("tiny") is None
 
 

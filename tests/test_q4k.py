@@ -195,14 +195,24 @@ def test_q6k_tiles_need_sixteen_outputs_and_256_inputs():
         q6k.unpack_q6k(np.zeros((4, 100), np.uint8))
 
 
-def test_a_draft_head_shares_a_q6k_output_head_as_its_dequantised_rows():
+def test_a_draft_head_shares_a_q6k_or_q5_0_output_head_as_its_dequantised_rows():
     from adaspec.models.features import output_rows
 
-    w = random_q6k(32, 256, seed=7)
-    model = torch.nn.Module()
-    model.head = q6k.Q6KLinear(q6k.pack_tiles(w))
     ids = torch.tensor([3, 31, 16])
-    assert torch.equal(output_rows(model, ids), q6k.dequantize(w)[ids])
+    model = torch.nn.Module()
+    for fmt, k in (("q6k", 256), ("q5_0", 64)):
+        model.head, weights = random_layer(fmt, 32, k, seed=7)
+        assert torch.equal(output_rows(model, ids), weights[ids])
+    model.head, _ = random_layer("q4k", 32, 256, seed=7)  # Q4_K tiles give no single rows back
+    with pytest.raises(AdaspecError, match="no output head a draft head can share"):
+        output_rows(model, ids)
+
+
+def test_rows_are_read_in_slices_that_give_any_number_of_ids_in_their_order():
+    """A 32k-row drafting vocabulary is read 1024 ids at a time (no float copy of a whole head)."""
+    layer, weights = random_layer("q5_0", 64, 64, seed=8)
+    ids = torch.randint(0, 64, (2500,), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(layer.rows(ids), weights[ids])
 
 
 def test_gguf_tensor_names_map_onto_their_modules():

@@ -27,6 +27,7 @@ from adaspec.drafters.ngram import NGramDrafter
 from adaspec.drafters.pool import DrafterPool
 from adaspec.drafters.vocab import DraftVocab, PrunedAdapter, cut_output_head, vocab_for
 from adaspec.models.base import ModelAdapter, Tokenizer
+from adaspec.models.packed import release_freed_memory
 from adaspec.plan import Speculation, prepare, resolve_knobs
 from adaspec.policies.cost import FALLBACK_DRAFTER, fallback_target_cost
 from adaspec.records import Result
@@ -166,8 +167,6 @@ def load_model(source: str | ModelAdapter, *, dtype: torch.dtype = torch.float32
     if vocab is not None:
         adapter = PrunedAdapter(adapter, vocab)
     if quant == "q4k":
-        from adaspec.models.packed import release_freed_memory
-
         release_freed_memory()  # fusing the projections above freed their loaded copies (0.12 GB for the pair)
     return adapter, tokenizer
 
@@ -340,6 +339,7 @@ class Engine:
         if self._head is None and self._head_file is not None:
             stored, path = self._head_file
             self._head, self._head_file = head_drafter(stored, path, self.target), None
+            release_freed_memory()  # the float head and output rows its int8 copies were made from
         return self._head
 
     def encode(self, prompt: str | list[int] | list[dict], *, chat: bool | None = None) -> list[int]:
@@ -590,8 +590,6 @@ def load(target: str | ModelAdapter = DEFAULT_TARGET, drafter: str | ModelAdapte
     head_path = shipped_head(target) if head is None else (None if head is False else head)
     if head_path is not None:
         engine.use_head(head_path)
-    from adaspec.models.packed import release_freed_memory
-
     release_freed_memory()
     return engine
 

@@ -243,8 +243,9 @@ class HeadFile:
                                f"format {FORMAT}: retrain it with `adaspec train-head`")
         ids = tensors.pop("vocab_ids").long()
         vocab = DraftVocab(ids, int(meta["vocab_size"]), meta.get("vocab_source", ""))
-        state = {k: v.float() for k, v in tensors.items()}
-        return cls(HeadConfig(**meta["config"]), state, vocab, meta["target"], meta["target_key"], meta.get("info", {}))
+        # kept as stored (float16: half the memory while a loaded engine has not drafted yet); build()
+        # copies them into the float32 head
+        return cls(HeadConfig(**meta["config"]), tensors, vocab, meta["target"], meta["target_key"], meta.get("info", {}))
 
     def build(self) -> DraftHead:
         head = DraftHead(self.cfg)
@@ -276,10 +277,10 @@ class HeadDrafter:
         self.tap = tap(target)
         self.embed = input_embedding(model)
         self.draft_ids = vocab.ids.to(target.device)
-        lm = nn.Linear(head.cfg.hidden, vocab.size, bias=False)
-        with torch.no_grad():
-            lm.weight.copy_(output_rows(model, vocab.ids))
+        lm = nn.Linear(head.cfg.hidden, vocab.size, bias=False, device="meta")
+        lm.weight = nn.Parameter(output_rows(model, vocab.ids), requires_grad=False)
         self.head, self.lm = (_int8(head), _int8(lm)) if fast and _int8_ok(target) else (head.eval(), lm)
+        del lm  # its float rows (0.2 GB for the default pair's 32k rows) once the int8 copy holds them
         self.source = dict(source or {})  # where the head came from (file, sha256), for run records
         self.cfg, self.vocab = head.cfg, vocab
         self.cache = HeadCache()
@@ -379,9 +380,9 @@ def _int8(module: nn.Module) -> nn.Module:
     def one_call(linear: nn.Linear) -> nn.Module:
         return DynamicInt8Linear(Int8Linear.from_float(linear))
 
-    module = copy.deepcopy(module).eval()
-    if isinstance(module, nn.Linear):
+    if isinstance(module, nn.Linear):  # read, not changed: no copy of its float weights
         return one_call(module)
+    module = copy.deepcopy(module).eval()
     replace_linears(module, one_call)
     return module
 

@@ -74,6 +74,24 @@ class BlockLinear(torch.nn.Module):
     def _rows(self, rows: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    # A format whose packed tiles can be read back (its `unpack_tiles` and `dequantize`) gives single
+    # weight rows: a draft head shares the target's output head this way (models/features.py).
+    unpack_tiles = None
+    dequantize = None
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """The float32 weights of outputs `ids` (n, K): the file's values, de-quantised."""
+        if self.unpack_tiles is None:
+            raise NotImplementedError(f"{type(self).__name__} gives no single weight rows")
+        ids = ids.reshape(-1).to(torch.long)
+        out = torch.empty(ids.numel(), self.in_features)
+        for start in range(0, ids.numel(), 1024):  # in slices: no float copy of a whole head at once
+            part_ids = ids[start : start + 1024]
+            tiles, where = torch.unique(part_ids // 16, return_inverse=True)
+            part = type(self).unpack_tiles({name: getattr(self, name)[tiles] for name in self.parts})
+            out[start : start + part_ids.numel()] = type(self).dequantize(part)[where * 16 + part_ids % 16]
+        return out
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self._rows(x.reshape(-1, self.in_features).float().contiguous())
         if self.bias is not None:

@@ -61,17 +61,19 @@ def embedding_values(embed: nn.Module, flat: torch.Tensor) -> torch.Tensor:
 
 def output_rows(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     """Rows `ids` of the model's output head as a float32 matrix (N, hidden): the float weights, or
-    the de-quantised int8 or Q6_K weights when the head is quantised (models/quant.py, models/q6k.py)."""
-    from adaspec.models.q6k import Q6KLinear
+    the de-quantised int8, Q6_K or Q5_0 weights when the head is quantised (models/quant.py,
+    models/q6k.py, models/q5_0.py)."""
+    from adaspec.models.extension import BlockLinear
     from adaspec.models.quant import Int8Linear
 
     get = getattr(model, "get_output_embeddings", None)
     head = get() if callable(get) else getattr(model, "head", None)
-    if not isinstance(head, Int8Linear | Q6KLinear | nn.Linear):
+    readable = isinstance(head, BlockLinear) and head.unpack_tiles is not None
+    if not (readable or isinstance(head, Int8Linear | nn.Linear)):
         raise AdaspecError(f"{type(model).__name__} has no output head a draft head can share")
     if getattr(head, "bias", None) is not None and bool(head.bias.abs().gt(0).any()):
         raise AdaspecError("the target's output head has a bias, which a draft head does not model")
-    if isinstance(head, Q6KLinear):  # the file's 6-bit values, de-quantised (q4k)
+    if readable:  # the file's own values, de-quantised (q4k)
         return head.rows(ids.cpu()).contiguous()
     weight = head.weight_int8().dequantize() if isinstance(head, Int8Linear) else head.weight.detach()
     return weight[ids.to(weight.device)].float().contiguous()

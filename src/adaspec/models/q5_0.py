@@ -89,6 +89,7 @@ class Q50Linear(BlockLinear):
 
     kind = "q5_0"
     parts = PARTS
+    unpack_tiles, dequantize = staticmethod(unpack_tiles), staticmethod(dequantize)
 
     def _rows(self, rows: torch.Tensor) -> torch.Tensor:
         return kernel().linear_q5_0(rows, self.w4, self.wh, self.d, self.kernel_name)

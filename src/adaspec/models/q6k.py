@@ -100,14 +100,7 @@ class Q6KLinear(BlockLinear):
 
     kind = "q6k"
     parts = PARTS
+    unpack_tiles, dequantize = staticmethod(unpack_tiles), staticmethod(dequantize)
 
     def _rows(self, rows: torch.Tensor) -> torch.Tensor:
         return kernel().linear_q6k(rows, self.w4, self.w2, self.sc, self.d, self.kernel_name)
-
-    def rows(self, ids: torch.Tensor) -> torch.Tensor:
-        """The float32 weights of outputs `ids` (n, K): the file's values, de-quantised (a draft head
-        shares the target's output head this way, models/features.py)."""
-        ids = ids.reshape(-1).to(torch.long)
-        tiles, where = torch.unique(ids // 16, return_inverse=True)
-        part = unpack_tiles({name: getattr(self, name)[tiles] for name in PARTS})
-        return dequantize(part)[where * 16 + ids % 16]
