@@ -159,11 +159,17 @@ def load_model(source: str | ModelAdapter, *, dtype: torch.dtype = torch.float32
             # also makes attention row-wise (models/invariant.py)
             adapter = quantize_adapter(adapter, quant, gguf=gguf, pack_cache=pack)
         drafter = role == "drafter"
-        if (drafter and drafter_runtime == "auto") or (not drafter and target_runtime == "auto" and quant == "q4k"):
-            from adaspec.models.fast import FastDecoder, supports
+        from adaspec.models.fast import FastDecoder, supports
 
-            if supports(getattr(adapter, "model", None)) is None:
-                adapter = FastDecoder(adapter.model, adapter.name, exact_rows=not drafter)
+        if (drafter and drafter_runtime == "auto") or (not drafter and target_runtime == "auto" and quant == "q4k"):
+            model = getattr(adapter, "model", None)
+            if supports(model) is None and not (isinstance(adapter, FastDecoder) and adapter.exact_rows != drafter):
+                adapter = FastDecoder(model, adapter.name, exact_rows=not drafter)
+        elif isinstance(adapter, FastDecoder):  # a packed q4k copy (plain torch modules) asked to run on transformers
+            from adaspec.models.hf import HFAdapter
+            from adaspec.models.light import transformers_model
+
+            adapter = HFAdapter(transformers_model(adapter.model), adapter.name)
     if vocab is not None:
         adapter = PrunedAdapter(adapter, vocab)
     if quant == "q4k":

@@ -233,6 +233,10 @@ def hf_model(adapter, role: str):
         raise MethodSkipped(f"hf-* baselines cannot use the {role} {adapter.name!r}: its output head is cut to a "
                             "pruned drafting vocabulary (--draft-vocab)")
     model = getattr(adapter, "model", None)
+    if model is not None:
+        from adaspec.models.light import transformers_model
+
+        model = transformers_model(model)  # a packed q4k copy: transformers' model around its modules
     if model is None or not callable(getattr(model, "generate", None)):
         raise MethodSkipped(f"hf-* baselines need transformers models; the {role} {adapter.name!r} is not one "
                             "(the built-in toy models have no transformers counterpart)")

@@ -42,6 +42,7 @@ from adaspec.config import AdaspecError
 from adaspec.drafters.base import DraftBuilder, DraftContext
 from adaspec.drafters.vocab import DraftVocab
 from adaspec.models.features import embedding_dtype, embedding_values, input_embedding, output_rows, tap
+from adaspec.models.light import RMSNorm
 from adaspec.models.registry import file_sha256
 from adaspec.records import Draft
 
@@ -75,16 +76,6 @@ class HeadConfig:
         eps = float(getattr(config, "rms_norm_eps", 1e-6))
         width = intermediate or _round_up(hidden * 4 // 3, 64)
         return cls(int(hidden), int(n_heads), int(n_kv), int(head_dim), int(width), theta, eps)
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, size: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(size))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
 
 
 class HeadCache:
