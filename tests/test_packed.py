@@ -40,6 +40,21 @@ def built(tmp_path_factory):
     return logits_of(adapter.model), folder
 
 
+def test_tensors_are_read_one_by_one_as_safetensors_reads_them(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"f32": torch.randn(3, 5, generator=g), "f16": torch.randn(7, generator=g).half(),
+               "bf16": torch.randn(2, 2, generator=g).bfloat16(), "u8": torch.randint(0, 256, (9,), dtype=torch.uint8),
+               "i8": torch.randint(-128, 128, (4, 4), dtype=torch.int8), "i64": torch.arange(5),
+               "b": torch.tensor([True, False, True]), "scalar": torch.tensor(2.5), "empty": torch.zeros(0, 3)}
+    save_file(tensors, str(tmp_path / "t.safetensors"), metadata={"what": "a test"})
+    got, want = packed.read_tensors(tmp_path / "t.safetensors"), load_file(str(tmp_path / "t.safetensors"))
+    assert got.keys() == want.keys()
+    for name, t in want.items():
+        assert got[name].dtype == t.dtype and got[name].shape == t.shape and torch.equal(got[name], t), name
+
+
 @needs_qwen
 def test_gguf_embedding_rows_are_the_files_dequantised_rows():
     from gguf import GGUFReader

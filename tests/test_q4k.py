@@ -209,7 +209,7 @@ def test_a_draft_head_shares_a_q6k_or_q5_0_output_head_as_its_dequantised_rows()
 
 
 def test_rows_are_read_in_slices_that_give_any_number_of_ids_in_their_order():
-    """A 32k-row drafting vocabulary is read 1024 ids at a time (no float copy of a whole head)."""
+    """A 32k-row drafting vocabulary is read 256 ids at a time (no float copy of a whole head)."""
     layer, weights = random_layer("q5_0", 64, 64, seed=8)
     ids = torch.randint(0, 64, (2500,), generator=torch.Generator().manual_seed(0))
     assert torch.equal(layer.rows(ids), weights[ids])

@@ -127,6 +127,24 @@ def test_int8_linear_rows_do_not_depend_on_their_batch():
     assert torch.equal(together, alone) and torch.equal(together, batched)
 
 
+def test_int8_weights_quantised_in_slices_of_rows_are_those_of_the_whole_matrix(monkeypatch):
+    """from_float quantises FROM_FLOAT_ROWS rows at a time (small temporaries); each row has its own
+    scale, so the integers and scales are those of quantising the matrix whole."""
+    from torch.ao.quantization.observer import default_per_channel_weight_observer
+
+    from adaspec.models import quant
+
+    monkeypatch.setattr(quant, "FROM_FLOAT_ROWS", 7)
+    float_lin = nn.Linear(32, 50)  # 7 slices, the last one short
+    observer = default_per_channel_weight_observer()
+    observer(float_lin.weight.detach())
+    whole = torch.quantize_per_channel(float_lin.weight.detach(), *observer.calculate_qparams(), 0, torch.qint8)
+    got = Int8Linear.from_float(float_lin).weight_int8()
+    assert torch.equal(got.int_repr(), whole.int_repr())
+    assert torch.equal(got.q_per_channel_scales(), whole.q_per_channel_scales())
+    assert torch.equal(got.q_per_channel_zero_points(), whole.q_per_channel_zero_points())
+
+
 def test_int8_linear_is_close_to_float():
     torch.manual_seed(0)
     float_lin = nn.Linear(64, 96)

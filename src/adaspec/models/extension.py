@@ -85,11 +85,12 @@ class BlockLinear(torch.nn.Module):
             raise NotImplementedError(f"{type(self).__name__} gives no single weight rows")
         ids = ids.reshape(-1).to(torch.long)
         out = torch.empty(ids.numel(), self.in_features)
-        for start in range(0, ids.numel(), 1024):  # in slices: no float copy of a whole head at once
-            part_ids = ids[start : start + 1024]
+        for start in range(0, ids.numel(), 256):  # in slices, and only the rows asked for de-quantised
+            part_ids = ids[start : start + 256]
             tiles, where = torch.unique(part_ids // 16, return_inverse=True)
             part = type(self).unpack_tiles({name: getattr(self, name)[tiles] for name in self.parts})
-            out[start : start + part_ids.numel()] = type(self).dequantize(part)[where * 16 + part_ids % 16]
+            rows = where * 16 + part_ids % 16  # every unpacked tensor has one row per output
+            out[start : start + part_ids.numel()] = type(self).dequantize({k: t[rows] for k, t in part.items()})
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
