@@ -127,22 +127,16 @@ def test_int8_linear_rows_do_not_depend_on_their_batch():
     assert torch.equal(together, alone) and torch.equal(together, batched)
 
 
-def test_int8_weights_quantised_in_slices_of_rows_are_those_of_the_whole_matrix(monkeypatch):
-    """from_float quantises FROM_FLOAT_ROWS rows at a time (small temporaries); each row has its own
-    scale, so the integers and scales are those of quantising the matrix whole."""
-    from torch.ao.quantization.observer import default_per_channel_weight_observer
+def test_row_sums_taken_in_slices_of_rows_are_those_of_the_whole_matrix():
+    """_rowsum sums 4096 rows at a time (the int32 sum would widen the whole matrix): the same exact sums."""
+    from adaspec.models.quant import _rowsum
 
-    from adaspec.models import quant
-
-    monkeypatch.setattr(quant, "FROM_FLOAT_ROWS", 7)
-    float_lin = nn.Linear(32, 50)  # 7 slices, the last one short
-    observer = default_per_channel_weight_observer()
-    observer(float_lin.weight.detach())
-    whole = torch.quantize_per_channel(float_lin.weight.detach(), *observer.calculate_qparams(), 0, torch.qint8)
-    got = Int8Linear.from_float(float_lin).weight_int8()
-    assert torch.equal(got.int_repr(), whole.int_repr())
-    assert torch.equal(got.q_per_channel_scales(), whole.q_per_channel_scales())
-    assert torch.equal(got.q_per_channel_zero_points(), whole.q_per_channel_zero_points())
+    torch.manual_seed(0)
+    weight = torch.randn(4096 + 905, 24)
+    qweight = torch.quantize_per_channel(weight, weight.abs().amax(1) / 127, torch.zeros(weight.shape[0], dtype=torch.long),
+                                         0, torch.qint8)
+    whole = qweight.int_repr().to(torch.int64).sum(1).double() * qweight.q_per_channel_scales().double()
+    assert torch.equal(_rowsum(qweight), whole.float())
 
 
 def test_int8_linear_is_close_to_float():

@@ -163,7 +163,8 @@ def load_model(source: str | ModelAdapter, *, dtype: torch.dtype = torch.float32
 
         if (drafter and drafter_runtime == "auto") or (not drafter and target_runtime == "auto" and quant == "q4k"):
             model = getattr(adapter, "model", None)
-            if supports(model) is None and not (isinstance(adapter, FastDecoder) and adapter.exact_rows != drafter):
+            ready = isinstance(adapter, FastDecoder) and adapter.exact_rows == (not drafter)  # a packed q4k copy
+            if supports(model) is None and not ready:
                 adapter = FastDecoder(model, adapter.name, exact_rows=not drafter)
         elif isinstance(adapter, FastDecoder):  # a packed q4k copy (plain torch modules) asked to run on transformers
             from adaspec.models.hf import HFAdapter

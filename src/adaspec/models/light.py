@@ -4,9 +4,9 @@ into, so that loading it never imports transformers' model code.
 Why: adaspec's runtime (models/fast.py) only reads a model's modules (embedding, norms, rotary
 frequencies, linear layers, the MLP's activation); it never calls transformers' forward. But
 building a transformers model, even on the meta device, imports `transformers.modeling_utils`, and
-with it torch._dynamo, sympy, torch.distributed and accelerate: 0.11 GB resident in every process
-that loads a model (measured on the Intel Xeon of session 13: `import transformers.modeling_utils`
-after torch). That was most of what kept the default pair above its memory goal (docs/runtime.md).
+with it torch._dynamo, sympy, torch.distributed and accelerate: 0.11 GB resident when imported alone
+after torch, 0.02 GB less after loading the default target here (the Intel Xeon of session 13;
+docs/runtime.md, where the tokenizer was the larger part of what went over the memory goal).
 
 The modules carry transformers' names, parameters, buffers and registration order (model.embed_tokens,
 model.layers.N.self_attn.q_proj, ..., model.norm, model.rotary_emb, lm_head), so state dicts, weight
@@ -69,7 +69,7 @@ class Rotary(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        dim = _head_dim(config)
         base = rope_parameters(config)["rope_theta"]
         self.register_buffer("inv_freq", 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim)),
                              persistent=False)
@@ -85,6 +85,18 @@ class SiLU(nn.Module):
         return F.silu(x)
 
 
+def _head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def rebuild_rotary(model: nn.Module) -> None:
+    """Give a transformers model built on the meta device its own rotary modules, made from its config
+    (their buffers are derived, and not all of them are saved)."""
+    for name in [n for n, _ in model.named_modules() if n.endswith("rotary_emb")]:
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, type(model.get_submodule(name))(config=model.config))
+
+
 def _linear(n_in: int, n_out: int, bias: bool) -> nn.Module:
     return nn.Linear(n_in, n_out, bias=bias, device="meta")  # a place holder: the packed copy fills it
 
@@ -92,7 +104,7 @@ def _linear(n_in: int, n_out: int, bias: bool) -> nn.Module:
 class Attention(nn.Module):
     def __init__(self, config):
         super().__init__()
-        d = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        d = _head_dim(config)
         kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
         bias = getattr(config, "attention_bias", config.model_type == "qwen2")
         self.q_proj = _linear(config.hidden_size, config.num_attention_heads * d, bias)
@@ -163,14 +175,11 @@ class CausalLM(nn.Module):
 
             with torch.device("meta"):
                 model = AutoModelForCausalLM.from_config(self.config, dtype=torch.float32)
-            rotary = {n for n, _ in model.named_modules() if n.endswith("rotary_emb")}
             for name, module in self.named_modules():
                 if name and not name.endswith("rotary_emb") and not list(module.children()):
                     parent, _, child = name.rpartition(".")
                     setattr(model.get_submodule(parent), child, module)
-            for name in rotary:  # transformers' own, rebuilt from the config (its buffers are derived)
-                parent, _, child = name.rpartition(".")
-                setattr(model.get_submodule(parent), child, type(model.get_submodule(name))(config=model.config))
+            rebuild_rotary(model)  # transformers' own
             if self.generation_config is not None:
                 model.generation_config = self.generation_config
             model.eval()

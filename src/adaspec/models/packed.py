@@ -243,6 +243,7 @@ def load(folder: Path, name: str, *, fix: str):
 
             with torch.device("meta"):
                 model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+            light.rebuild_rotary(model)
             if generation is not None:
                 model.generation_config = generation
         # the folder's own tokenizer.json as the generic fast tokenizer: the same ids, text and chat
@@ -279,10 +280,6 @@ def load(folder: Path, name: str, *, fix: str):
                 owner._buffers[pname] = tensors[key]
     except (KeyError, AttributeError) as e:
         raise AdaspecError(f"the packed q4k copy {folder} does not fit its own config ({e}); {fix}") from None
-    for mname, m in list(model.named_modules()):
-        if mname.endswith("rotary_emb"):
-            parent, _, child = mname.rpartition(".")
-            setattr(model.get_submodule(parent), child, type(m)(config=model.config))
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if left:
         raise AdaspecError(f"the packed q4k copy {folder} lacks {left[0]} (and {len(left) - 1} more); {fix}")
