@@ -88,9 +88,9 @@ def test_an_engine_with_a_draft_head_defaults_to_the_head(tiny_pair, tmp_path, m
     target, drafter = tiny_pair
     engine = Engine(target, drafter, profile=make_profile(target, drafter))
     engine.use_head(HeadDrafter(_head(target), target, _vocab(target, 150)), cost=0.05)
-    assert engine.default_method == api.HEAD_METHOD == "head"  # measured fastest where a head ships
+    assert engine.default_method == api.HEAD_METHOD == "head-lookup"  # measured fastest where a head ships
     r = engine.generate([1, 2, 3], max_new_tokens=8, ignore_eos=True)
-    assert r.spec.method == "head" and r.lossless and r.stats.drafted > 0
+    assert r.spec.method == "head-lookup" and r.lossless and r.stats.drafted > 0
     assert r.token_ids == engine.generate([1, 2, 3], method="ar", max_new_tokens=8, ignore_eos=True).token_ids
     assert engine.default_method_without_head == "multi-draft-calibrated"  # what a batched server runs
     assert Engine(target).default_method == "ngram"  # no head, no drafter model: prompt lookup
@@ -158,4 +158,4 @@ def test_the_server_runs_the_engines_default_method_for_requests_that_name_none(
 
     with_head = Engine(target, drafter, ByteTokenizer())
     with_head.use_head(HeadDrafter(_head(target), target, _vocab(target, 150)), cost=0.05)
-    assert Service(with_head, ServerSettings(max_batch=1)).settings.method == "head"
+    assert Service(with_head, ServerSettings(max_batch=1)).settings.method == "head-lookup"

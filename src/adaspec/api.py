@@ -22,6 +22,7 @@ from adaspec.config import AdaspecError, GenerationConfig, SpecConfig, check_tex
 from adaspec.decode import check_vocab, speculative_generate
 from adaspec.drafters.base import Drafter
 from adaspec.drafters.head import HeadDrafter, head_drafter, open_head
+from adaspec.drafters.hybrid import HeadOrLookup
 from adaspec.drafters.model import ModelDrafter
 from adaspec.drafters.ngram import NGramDrafter
 from adaspec.drafters.pool import DrafterPool
@@ -49,8 +50,10 @@ DEFAULT_METHOD = "multi-draft-calibrated"
 # q4k runtime the 0.5B drafter costs half a target step and multi-draft-calibrated fell to 0.98x `ar`
 # on Spec-Bench, while `head` gave 1.15x (docs/results/spec-bench-q4k-s11); session 12, with the head
 # retrained on 1,913 answers: `head` 1.17x `ar` and 1.48x llama.cpp, multi-draft-calibrated 0.99x
-# (docs/results/spec-bench-q4k-s12).
-HEAD_METHOD = "head"
+# (docs/results/spec-bench-q4k-s12). Session 14, with prompt lookup beside the head: `head-lookup`
+# 1.35x `ar` and 1.59x llama.cpp on 30 Spec-Bench prompts, `head` 1.22x
+# (docs/results/spec-bench-head-lookup-s14).
+HEAD_METHOD = "head-lookup"
 # Calibration profiles shipped with the package: (target, drafter, quant) -> file in calibration/profiles.
 SHIPPED_PROFILES = {(DEFAULT_TARGET, DEFAULT_DRAFTER, "q4k"): "qwen2.5-coder-q4k.json",
                     (DEFAULT_TARGET, DEFAULT_DRAFTER, "int8"): "qwen2.5-coder-int8.json"}
@@ -403,9 +406,9 @@ class Engine:
 
     @property
     def default_method(self) -> str:
-        """The method a request that names none runs: the draft head (`head`) when this engine has
-        one (the shipped head of the default target: the fastest lossless method measured on the
-        q4k runtime, see HEAD_METHOD); else the best measured drafter-model method (DEFAULT_METHOD)
+        """The method a request that names none runs: the draft head with prompt lookup beside it
+        (`head-lookup`) when this engine has a head (the shipped head of the default target: the
+        fastest lossless method measured on the q4k runtime, see HEAD_METHOD); else the best measured drafter-model method (DEFAULT_METHOD)
         when it has a profile, the uncalibrated adaptive `cmasd` with a drafter model and no
         profile, prompt lookup (`ngram`) without a drafter model."""
         if self._head is not None or self._head_file is not None:
@@ -457,14 +460,16 @@ class Engine:
         ngram = NGramDrafter(self.target.vocab_size, max_ngram=spec.max_ngram, min_ngram=spec.min_ngram)  # stateless: one per request
         if kind == "ngram":
             return ngram
-        if kind == "head":
+        if kind in ("head", "head-lookup"):
             if self._head is None and self._head_file is None:
                 raise AdaspecError(f"method {spec.method!r} needs a draft head: load one (head=PATH, --head FILE; "
                                    "`adaspec train-head` trains one), or use another method")
             if batched:
                 raise AdaspecError(f"method {spec.method!r}: the draft head keeps one cache, so it runs one request "
                                    "at a time (serve with --max-batch 1), or use another method")
-            return self.head
+            if kind == "head":
+                return self.head
+            return HeadOrLookup(self.head, ngram, self._target_ms())
         extras = [] if batched else self.extra_drafters
         if self.drafter is None and not (kind == "pool" and extras):
             raise AdaspecError(f"method {spec.method!r} needs a drafter model: load one, or use method='ar' "
@@ -479,7 +484,7 @@ class Engine:
         """The drafter pool on the profile's measured costs (ms), else on the fallbacks (units of one
         target forward). Extra drafters' relative costs are scaled by the one-token target forward."""
         cost = self.profile.cost if self.profile is not None else None
-        target_ms = cost.target_cost if cost is not None else fallback_target_cost
+        target_ms = self._target_ms()
         unit = target_ms(1)
         models, priors = [(d, c * unit) for d, c in extras], {}
         if model is not None:
@@ -489,6 +494,11 @@ class Engine:
             if rate is not None:  # the pair's measured per-token acceptance is the best prior
                 priors[model.name] = float(rate)
         return DrafterPool(models, ngram, target_ms, priors=priors, skip_entropy=spec.skip_entropy)
+
+    def _target_ms(self):
+        """n -> T(n): the profile's measured target cost (ms), else the fallback (units of one forward)."""
+        cost = self.profile.cost if self.profile is not None else None
+        return cost.target_cost if cost is not None else fallback_target_cost
 
     def generate(self, prompt, *, method: str | None = None, chat: bool | None = None, **options) -> Result:
         s = self.stream(prompt, method=method, chat=chat, **options)

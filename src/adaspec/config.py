@@ -66,8 +66,9 @@ def _show(value) -> str:
 # The methods: which draft-length policy, which verification rule and which drafter each uses.
 # "exact" means greedy match at temperature 0 and rejection sampling above it (both lossless).
 # Drafters: "model" (the small model), "ngram" (prompt lookup, free), "head" (the draft head on the
-# target's features, drafters/head.py), "pool" (lookup, the model, the head or no draft, whichever has
-# the highest expected goodput each step; see drafters/pool.py).
+# target's features, drafters/head.py), "head-lookup" (prompt lookup or the head, whichever has the
+# higher expected goodput each step; drafters/hybrid.py), "pool" (lookup, the model, the head or no
+# draft, whichever has the highest expected goodput each step; see drafters/pool.py).
 class Method(NamedTuple):
     length: str
     verify: str
@@ -87,6 +88,7 @@ METHODS: dict[str, Method] = {
     "ngram": Method("fixed", "exact", "ngram"),
     "multi-draft": Method("cmasd", "confidence-tau", "pool"),
     "head": Method("cost-aware", "exact", "head"),  # priced by the head itself (policies/cost.py)
+    "head-lookup": Method("cost-aware", "exact", "head-lookup"),  # the head's length, lookup where it pays more
     # Calibrated methods read a pair's profile (`adaspec calibrate`; docs/calibration.md).
     "entropy-calibrated": Method("entropy", "entropy-tau", "model", calibrated=True),
     "cost-aware": Method("cost-aware", "exact", "model", calibrated=True),

@@ -8,7 +8,8 @@ from adaspec.cli import add_model_args, add_option_args, load_engine, option_val
 
 # The side-by-side set of the committed reports: plain decoding in both engines, llama.cpp's and
 # transformers' speculation, the best fixed k, the calibrated methods and the oracle's bound.
-DEFAULT_METHODS = "ar,llamacpp-ar,llamacpp-spec,hf-assisted,fixed-k2,fixed-k4,cost-aware,multi-draft-calibrated,oracle"
+DEFAULT_METHODS = ("ar,llamacpp-ar,llamacpp-spec,hf-assisted,fixed-k2,fixed-k4,cost-aware,multi-draft-calibrated,oracle,"
+                   "head,head-lookup")  # the head methods run where a head is loaded (the default target ships one)
 BENCH_MAX_NEW_TOKENS = 256  # long enough that decoding, not prefill, dominates the time
 
 

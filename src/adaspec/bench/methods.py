@@ -142,7 +142,7 @@ def _engine_method(name: str) -> BenchMethod:
 
     return BenchMethod(name, run, needs_drafter=METHODS[name].drafter == "model",
                        description=f"adaspec method {name!r}", defaults=dict(LOSSY_DEFAULTS.get(name, {})),
-                       check=_needs_head if METHODS[name].drafter == "head" else None)
+                       check=_needs_head if METHODS[name].drafter in ("head", "head-lookup") else None)
 
 
 def _needs_head(engine) -> None:
