@@ -113,8 +113,9 @@ def test_the_head_and_models_the_runtime_cannot_run_are_refused_with_the_way_out
     head = DraftHead(HeadConfig.for_target(engine.target.model, 32))
     with_head.use_head(HeadDrafter(head, engine.target, DraftVocab(torch.arange(engine.target.vocab_size),
                                                                    engine.target.vocab_size)))
-    with pytest.raises(AdaspecError, match="one request at a time.*--max-batch 1"):
-        Batcher(with_head).admit([1, 2, 3], _cfg("head"))
+    for method in ("head", "head-lookup"):
+        with pytest.raises(AdaspecError, match="one request at a time.*--max-batch 1"):
+            Batcher(with_head).admit([1, 2, 3], _cfg(method))
     assert "cannot run on the batched runtime" in can_batch(Engine(tiny_model(seed=0)))
     with pytest.raises(AdaspecError, match="--max-batch 1"):
         Batcher(Engine(tiny_model(seed=0)))
