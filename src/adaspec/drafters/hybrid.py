@@ -41,7 +41,8 @@ class HeadOrLookup:
     """Prompt lookup or the head, whichever has the higher expected goodput this step.
 
     head: a drafter with ``priced()`` (its cost per drafted token as a fraction of a one-token target
-    forward) and ``steps``/``propose``; ngram: the prompt-lookup drafter; target_ms: n -> T(n).
+    forward), such as HeadDrafter; ngram: the prompt-lookup drafter; target_ms: n -> T(n). The engine
+    builds one per request (Engine.drafter_for).
     """
 
     name = "head-lookup"
