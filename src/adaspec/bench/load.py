@@ -7,7 +7,10 @@ Two kinds of run:
   rate (a request's tokens / its latency), time to first token (p50, p95) and mean latency.
 - **soak** (`soak`): `clients` threads send requests back to back for `seconds`, alternating
   streamed and non-streamed; every `cancel_every`-th request of a client is abandoned (a stream is
-  closed after its first text, a non-streamed request stops waiting after `abandon_after_s`).
+  closed after its first text, a non-streamed request stops waiting after `abandon_after_s`),
+  staggered across clients (client c abandons its requests i with (c + i + 1) % cancel_every == 0),
+  so that abandoned and completed requests run side by side from the first requests on, however
+  long a request takes.
   Every request's fate is counted: completed, abandoned, 429 (retried after its Retry-After),
   5xx, other 4xx, and *lost* (no answer at all: a dropped connection, a stream that ended without
   [DONE], a 200 without usage, no answer within the time limit). Afterwards the server must fall
@@ -219,7 +222,7 @@ def soak(server: Server, clients: int, seconds: float, max_tokens: int, *, cance
         i = 0
         while time.monotonic() < deadline:
             a = request(server, numbered(prompts[(c + i) % len(prompts)]), max_tokens, stream=(c + i) % 2 == 0,
-                        abandon=cancel_every > 0 and (i + 1) % cancel_every == 0,
+                        abandon=cancel_every > 0 and (c + i + 1) % cancel_every == 0,
                         abandon_after_s=abandon_after_s, timeout_s=timeout_s, extra=extra)
             i += 1
             with lock:
