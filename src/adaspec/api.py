@@ -408,9 +408,10 @@ class Engine:
     def default_method(self) -> str:
         """The method a request that names none runs: the draft head with prompt lookup beside it
         (`head-lookup`) when this engine has a head (the shipped head of the default target: the
-        fastest lossless method measured on the q4k runtime, see HEAD_METHOD); else the best measured drafter-model method (DEFAULT_METHOD)
-        when it has a profile, the uncalibrated adaptive `cmasd` with a drafter model and no
-        profile, prompt lookup (`ngram`) without a drafter model."""
+        fastest lossless method measured on the q4k runtime, see HEAD_METHOD); else the best
+        measured drafter-model method (DEFAULT_METHOD) when it has a profile, the uncalibrated
+        adaptive `cmasd` with a drafter model and no profile, prompt lookup (`ngram`) without a
+        drafter model."""
         if self._head is not None or self._head_file is not None:
             return HEAD_METHOD
         return self.default_method_without_head

@@ -59,7 +59,7 @@ from adaspec.config import AdaspecError, GenerationConfig
 from adaspec.decode import Decoding
 from adaspec.drafters.pool import MODEL_PRIOR, PRIOR_WEIGHT, Acceptance
 from adaspec.models.fast import FastDecoder, SlotView, supports
-from adaspec.policies.cost import FALLBACK_DRAFTER, cost_table, fallback_target_cost
+from adaspec.policies.cost import FALLBACK_DRAFTER, CostTable, fallback_target_cost
 from adaspec.records import Draft
 from adaspec.stopping import StopStrings
 
@@ -136,7 +136,7 @@ class Batcher:
         self.target_ms = cost.target_cost if cost is not None else fallback_target_cost
         measured = cost.drafter_ms_per_token if cost is not None else None
         self.drafter_ms = measured if measured is not None else FALLBACK_DRAFTER * self.target_ms(1)
-        self._costs: list[float] = [0.0]
+        self._cost = CostTable(self.target_ms, ahead=32)  # rows -> T(rows), monotone
         head = tuple(engine.template_head()) if settings.prefix_cache else ()
         self.head = head if len(head) <= self.settings.prefill_chunk else ()  # the opening: its own first chunk
         self._head_kv: tuple[list, list] | None = None  # its keys and values per layer, once computed
@@ -274,11 +274,6 @@ class Batcher:
         caps = iter(load_aware_caps([_acceptance(s.run) for s in greedy], limits, self._cost, self.drafter_ms,
                                     extra_rows=extra, batched_drafts=self.settings.batch_drafts))
         return [next(caps) if s.run.cfg.sampling.greedy else None for s in decoding]
-
-    def _cost(self, rows: int) -> float:
-        if rows >= len(self._costs):
-            self._costs = cost_table(self.target_ms, rows + 32)
-        return self._costs[rows]
 
 
 def _acceptance(run: Decoding) -> float:

@@ -28,8 +28,8 @@ import torch
 
 from adaspec.drafters.base import DraftContext
 from adaspec.drafters.ngram import NGramDrafter
-from adaspec.drafters.pool import FORGET, NGRAM_PRIOR, PRIOR_WEIGHT, Acceptance
-from adaspec.policies.cost import best_draft, cost_table
+from adaspec.drafters.pool import FORGET, PRIOR_WEIGHT, Acceptance, ngram_prior
+from adaspec.policies.cost import CostTable, best_draft
 from adaspec.records import Draft
 
 # Prior mean per-token acceptance of the head: the shipped head's held-out top-1 agreement with the
@@ -54,7 +54,7 @@ class HeadOrLookup:
         self.head, self.ngram, self.target_ms = head, ngram, target_ms
         self.vocab_size = head.vocab_size
         self.head_prior, self.prior_weight, self.forget = head_prior, prior_weight, forget
-        self._t: list[float] = [0.0]
+        self._cost = CostTable(target_ms)
         self.chosen: dict[str, int] = {"head": 0, "lookup": 0}  # steps each option ran since built
         self.reset()
 
@@ -82,14 +82,9 @@ class HeadOrLookup:
     def estimate(self, key: str) -> float:
         """Current acceptance estimate of "head" or "ngram:<n>"."""
         if key not in self.rates:
-            prior = self.head_prior if key == "head" else NGRAM_PRIOR[min(int(key[6:]), len(NGRAM_PRIOR)) - 1]
+            prior = self.head_prior if key == "head" else ngram_prior(key)
             self.rates[key] = Acceptance(prior, self.prior_weight)
         return self.rates[key].mean
-
-    def _cost(self, n: int) -> float:
-        if n >= len(self._t):
-            self._t = cost_table(self.target_ms, n + 8)
-        return self._t[n]
 
     def choose(self, seq: torch.Tensor, max_k: int) -> tuple[str, int, torch.Tensor]:
         """("lookup", k, continuation) or ("head", max_k, empty) for this step."""

@@ -22,13 +22,18 @@ import torch
 
 from adaspec.drafters.base import DraftContext, Drafter, DraftSteps, run_steps
 from adaspec.drafters.ngram import NGramDrafter
-from adaspec.policies.cost import best_draft, cost_table, fallback_target_cost
+from adaspec.policies.cost import CostTable, best_draft, fallback_target_cost
 from adaspec.records import Draft
 
 MODEL_PRIOR = 0.6  # prior mean acceptance of a model drafter without a profile
 NGRAM_PRIOR = (0.25, 0.45, 0.65)  # prior mean acceptance of 1-, 2- and >= 3-token n-gram matches
 PRIOR_WEIGHT = 4.0  # pseudo-tokens behind every prior
 FORGET = 0.98  # per-step discount of the evidence (memory of about 50 steps)
+
+
+def ngram_prior(key: str) -> float:
+    """The prior mean acceptance of lookup estimate "ngram:<n>" (NGRAM_PRIOR, n >= 3 sharing the last)."""
+    return NGRAM_PRIOR[min(int(key[6:]), len(NGRAM_PRIOR)) - 1]
 
 
 @dataclass
@@ -108,7 +113,7 @@ class DrafterPool:
         self.priors = dict(priors or {})
         self.prior_weight, self.forget, self.select = prior_weight, forget, select
         self.skip_entropy, self.ema = skip_entropy, ema
-        self._t: list[float] = [0.0]  # _t[n] = monotone T(n), extended on demand
+        self._cost = CostTable(self.target_ms)
         self.reset()
 
     def reset(self) -> None:
@@ -132,17 +137,9 @@ class DrafterPool:
 
     def _rate(self, key: str) -> Acceptance:
         if key not in self.rates:
-            if key.startswith("ngram:"):
-                prior = NGRAM_PRIOR[min(int(key[6:]), len(NGRAM_PRIOR)) - 1]
-            else:
-                prior = self.priors.get(key, MODEL_PRIOR)
+            prior = ngram_prior(key) if key.startswith("ngram:") else self.priors.get(key, MODEL_PRIOR)
             self.rates[key] = Acceptance(prior, self.prior_weight)
         return self.rates[key]
-
-    def _cost(self, n: int) -> float:
-        if n >= len(self._t):  # costs up to n + 8 at once, so a step rarely extends the table
-            self._t = cost_table(self.target_ms, n + 8)
-        return self._t[n]
 
     def _price(self, name: str, key: str, limit: int, drafter_cost: float) -> Option:
         """The option at its best draft length k in 1..limit."""

@@ -71,6 +71,20 @@ def cost_table(target_ms: Callable[[int], float], n_max: int) -> list[float]:
     return [0.0] + monotone([float(target_ms(n)) for n in range(1, n_max + 1)])
 
 
+class CostTable:
+    """T(n) as `cost_table` makes it non-decreasing, extended on demand: callable as n -> T(n). Costs
+    are computed up to n + `ahead` at once, so a step rarely extends the table."""
+
+    def __init__(self, target_ms: Callable[[int], float], ahead: int = 8):
+        self.target_ms, self.ahead = target_ms, ahead
+        self._t: list[float] = [0.0]  # _t[n] = monotone T(n)
+
+    def __call__(self, n: int) -> float:
+        if n >= len(self._t):
+            self._t = cost_table(self.target_ms, n + self.ahead)
+        return self._t[n]
+
+
 def monotone(costs: list[float]) -> list[float]:
     """Costs of forwards over 1, 2, ... tokens made non-decreasing (a running minimum from the right):
     a forward over n tokens can never cost more than one over m > n, so a measured dip past n (timing
