@@ -441,7 +441,8 @@ def test_a_non_streamed_request_whose_client_leaves_stops_within_a_step(server):
         httpx.post(server.url + "/v1/completions", json={"prompt": "a", **SLOW}, timeout=0.5)
     t0 = time.perf_counter()
     wait_until(lambda: count("cancelled") == cancelled + 1, timeout=5)
-    assert time.perf_counter() - t0 < 1.0  # SLOW takes about 12 s to finish: it was stopped, not finished
+    # SLOW takes about 12 s to finish, one of its steps up to about 0.4 s: it was stopped, not finished
+    assert time.perf_counter() - t0 < 3.0
     assert count("length") == finished
     wait_until(lambda: server.metric("adaspec_busy") == 0)
     assert server.post("/v1/completions", {"prompt": "next", "max_tokens": 3}).status_code == 200
