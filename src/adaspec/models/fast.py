@@ -193,13 +193,16 @@ class FastDecoder:
         slot.k[i][:, start:end] = k
         slot.v[i][:, start:end] = v
         keys, values = slot.k[i], slot.v[i]
-        gqa = self.n_kv != self.n_heads
         if n > MAX_ROWWISE:  # prefill: one causal call; a mask when earlier tokens are cached
             mask = None
             if start:
                 mask = torch.ones(n, end, dtype=torch.bool, device=q.device).tril(start)
-            return F.scaled_dot_product_attention(q, keys[:, :end], values[:, :end], attn_mask=mask,
-                                                  is_causal=mask is None, enable_gqa=gqa)
+            keys, values = keys[:, :end], values[:, :end]
+            if self.n_kv != self.n_heads:  # SDPA's grouped path on the CPU is its slow reference kernel:
+                group = self.n_heads // self.n_kv  # give each query head its keys (a transient copy) instead
+                keys, values = keys.repeat_interleave(group, dim=0), values.repeat_interleave(group, dim=0)
+            return F.scaled_dot_product_attention(q[None], keys[None], values[None], attn_mask=mask,
+                                                  is_causal=mask is None)[0]
         # each row exactly as a one-token step computes it
         return torch.cat([_attend_row(q[:, r : r + 1], keys[:, : start + r + 1], values[:, : start + r + 1])
                           for r in range(n)], dim=1)  # (H, n, d)
