@@ -20,8 +20,8 @@ from prometheus_client.parser import text_string_to_metric_families  # noqa: E40
 
 from adaspec.config import AdaspecError  # noqa: E402
 from adaspec.server import ServerSettings  # noqa: E402
-from adaspec.server.ray_serve import (REPLICA_HEADER, RayConfig, affinity_key, build_app,  # noqa: E402
-                                      merge_metrics, shutdown)
+from adaspec.server.ray_serve import (REPLICA_HEADER, REPORT_S, RayConfig, affinity_key,  # noqa: E402
+                                      build_app, merge_metrics, shutdown)
 from test_server import LiveServer, sse_events  # noqa: E402
 
 TINY = {"target": "tiny", "drafter": "tiny-draft"}
@@ -181,19 +181,34 @@ def fleet_metrics(url: str) -> dict[tuple, float]:
             for s in f.samples if not s.labels.keys() - {"replica"}}
 
 
+def total(metrics: dict[tuple, float], name: str) -> float:
+    return sum(v for (n, _), v in metrics.items() if n == name)
+
+
+def settled_metrics(url: str, name: str, until=None, timeout: float = 20.0) -> dict[tuple, float]:
+    """The fleet's metrics once the total of `name` satisfies `until`, or, without one, once two reads
+    1.5 report periods apart agree on it (every replica reports each REPORT_S, and a busy machine can
+    delay a report past one period). Returns the last read at the timeout."""
+    deadline, last = time.monotonic() + timeout, fleet_metrics(url)
+    while time.monotonic() < deadline:
+        if until is not None and until(total(last, name)):
+            break
+        time.sleep(1.5 * REPORT_S)
+        now = fleet_metrics(url)
+        if until is None and total(now, name) == total(last, name):
+            return now
+        last = now
+    return last
+
+
 def test_metrics_of_every_replica_labelled_by_replica(cluster):
-    time.sleep(1.5)  # every replica has reported since the last requests
-    before = fleet_metrics(cluster)
+    generated = "adaspec_generated_tokens_total"
+    before = settled_metrics(cluster, generated)  # every replica has reported since the last requests
     got = concurrently(lambda b: ask(cluster, b), requests_mix(6))
-    time.sleep(1.5)
-    after = fleet_metrics(cluster)
-
-    def total(m, name):
-        return sum(v for (n, _), v in m.items() if n == name)
-
     tokens = sum(g["json"]["usage"]["completion_tokens"] if "json" in g
                  else g["events"][-2]["usage"]["completion_tokens"] for g in got)
-    assert total(after, "adaspec_generated_tokens_total") - total(before, "adaspec_generated_tokens_total") == tokens
+    after = settled_metrics(cluster, generated, until=lambda n: n >= total(before, generated) + tokens)
+    assert total(after, generated) - total(before, generated) == tokens
     assert len({r for (n, r) in after if n == "adaspec_drafted_tokens_total"}) == 2
     assert total(after, "adaspec_target_forwards_total") > total(before, "adaspec_target_forwards_total")
 
