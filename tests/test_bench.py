@@ -195,8 +195,9 @@ def test_method_names_and_overrides():
             M.parse_label(bad)
 
 
-def _synthetic_run(path, rollbacks: int, fixed_ids=None):
-    """A hand-written run: ar and cmasd on two prompts, cmasd with `rollbacks` of 10 steps."""
+def _synthetic_run(path, rollbacks: int, fixed_ids=None, draft_s: float = 0.2):
+    """A hand-written run: ar and cmasd on two prompts, cmasd with `rollbacks` of 10 steps and
+    `draft_s` of its 0.5 s drafting (10 of its 40 drafted tokens accepted)."""
     path.mkdir()
     (path / "run.json").write_text(json.dumps({"command": "synthetic", "methods": ["ar", "cmasd", "fixed"],
                                                "method_options": {"cmasd": {"k_max": 8}}}))
@@ -209,7 +210,7 @@ def _synthetic_run(path, rollbacks: int, fixed_ids=None):
         rows.append({**base, "method": "ar", "base_method": "ar", "wall_s": 1.0, "tokens_per_s": 4.0, "stats": stats})
         rows.append({**base, "method": "cmasd", "base_method": "cmasd", "wall_s": 0.5, "tokens_per_s": 8.0,
                      "stats": {**stats, "steps": 10, "target_forwards": 10, "drafted": 40, "accepted": 10,
-                               "rollbacks": rollbacks, "draft_s": 0.2, "target_s": 0.2, "policy_s": 0.05,
+                               "rollbacks": rollbacks, "draft_s": draft_s, "target_s": 0.2, "policy_s": 0.05,
                                "total_s": 0.5}})
         if fixed_ids is not None:
             rows.append({**base, "method": "fixed", "base_method": "fixed", "wall_s": 1.0, "tokens_per_s": 4.0,
@@ -227,6 +228,14 @@ def test_diagnose_flags_high_rollback_and_lossless_mismatch(tmp_path, capsys):
     assert main(["diagnose", str(rough)]) == 1  # a bug sets the exit status
     out = capsys.readouterr().out
     assert "[rollback] cmasd: rollback rate 60%" in out and "--k-max, now 8" in out and "[bug] fixed" in out
+    assert "drafting rejected tokens took 30% of the time" in out  # 40% of the time drafting, 75% rejected
+
+
+def test_diagnose_leaves_the_rollbacks_of_a_cheap_drafter_alone(tmp_path):
+    # the same 60% rollback rate, but drafting takes 4% of the time: rejected drafts cost 3% (under 5%)
+    cheap = _synthetic_run(tmp_path / "cheap", rollbacks=6, draft_s=0.02)
+    assert diagnose(Run(cheap)) == []
+    assert [f.kind for f in diagnose(Run(cheap), waste_limit=0.02)] == ["rollback"]
 
 
 def test_sweep_writes_its_pareto_plot(tmp_path, capsys):

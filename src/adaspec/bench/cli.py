@@ -42,6 +42,8 @@ def register(sub) -> None:
                                    "found.")
     d.add_argument("run_dir", help="the --out folder of `adaspec bench` or `adaspec sweep`")
     d.add_argument("--rollback-limit", type=float, default=0.4, help="flag rollback rates above this (default 0.4)")
+    d.add_argument("--waste-limit", type=float, default=0.05,
+                   help="... when drafting the rejected tokens took more than this share of the time (default 0.05)")
     d.add_argument("--agreement-floor", type=float, default=0.95,
                    help="flag lossy methods agreeing with ar on fewer tokens than this (default 0.95)")
     d.set_defaults(func=cmd_diagnose)
@@ -199,6 +201,7 @@ def cmd_diagnose(a: argparse.Namespace) -> int:
     from adaspec.bench.report import Run
 
     run = Run(a.run_dir)
-    findings = diagnose(run, rollback_limit=a.rollback_limit, agreement_floor=a.agreement_floor)
+    findings = diagnose(run, rollback_limit=a.rollback_limit, waste_limit=a.waste_limit,
+                        agreement_floor=a.agreement_floor)
     print(render_diagnosis(run, findings))
     return 1 if any(f.kind == "bug" for f in findings) else 0

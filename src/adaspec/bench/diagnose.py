@@ -16,13 +16,17 @@ class Finding:
     action: str  # the knob to turn
 
 
-def diagnose(run: Run, *, rollback_limit: float = 0.4, agreement_floor: float = 0.95,
+def diagnose(run: Run, *, rollback_limit: float = 0.4, waste_limit: float = 0.05, agreement_floor: float = 0.95,
              metric_drop: float = 1.0) -> list[Finding]:
     """Name the failure signatures in a run, each with the knob to turn.
 
     - an adaspec lossless method's output differs from ar (greedy) -> a bug (hf-* and llamacpp-* run
       other engines, whose tokens are not expected to equal ar's);
-    - rollback rate over `rollback_limit` -> reduce k_max or use a better-aligned drafter;
+    - rollback rate over `rollback_limit`, and the drafting of rejected tokens took over `waste_limit`
+      of the generation time (drafting's share of the time x the share of drafted tokens rejected)
+      -> reduce k_max or use a better-aligned drafter. A cheap drafter (the draft head, prompt
+      lookup) is meant to be rejected often: a cost-aware length drafts while a token is worth its
+      price, so its rollbacks cost little and are no failure;
     - no speedup over ar -> check confidence calibration and the drafter's cost;
     - a lossy method agrees with ar on less than `agreement_floor` of tokens, or loses more than
       `metric_drop` points of a task metric -> lower tau_base or raise gamma.
@@ -43,12 +47,14 @@ def diagnose(run: Run, *, rollback_limit: float = 0.4, agreement_floor: float = 
             out.append(Finding("bug", m, f"lossless, yet its output differs from ar on {s.n - s.identical} of "
                                          f"{s.n} prompts", "report it with records.jsonl; rerun with --dtype float64 "
                                                            "to rule out float32 near-ties"))
-        if ours and s.rollback is not None and s.rollback > rollback_limit:
+        waste = _wasted_drafting(s)
+        if ours and s.rollback is not None and s.rollback > rollback_limit and (waste is None or waste > waste_limit):
             fixed = METHODS.get(run.base_method(m), (None,))[0] == "fixed"  # its length knob is k, not k_max
             knob = (f"k (--k, now {run.option(m, 'k', 4)})" if fixed
                     else f"k_max (--k-max, now {run.option(m, 'k_max', 8)})")
+            spent = "" if waste is None else f"; drafting rejected tokens took {waste:.0%} of the time"
             out.append(Finding("rollback", m, f"rollback rate {s.rollback:.0%} (over {rollback_limit:.0%}) with "
-                                              f"acceptance {_f(s.acceptance, '{:.0%}')}",
+                                              f"acceptance {_f(s.acceptance, '{:.0%}')}{spent}",
                                f"reduce {knob} or use a better-aligned drafter"))
         if ours and s.speedup_specbench <= 1.0:
             cost_note = (f"one drafted token costs c = {c:.2f} target forwards, and a target forward yields "
@@ -67,6 +73,13 @@ def diagnose(run: Run, *, rollback_limit: float = 0.4, agreement_floor: float = 
                                    f"lower tau_base (--tau-base, now {run.option(m, 'tau_base', 0.0)}) or raise "
                                    f"gamma (--gamma, now {run.option(m, 'gamma', 1.0)})"))
     return out
+
+
+def _wasted_drafting(s) -> float | None:
+    """Share of generation time spent drafting tokens that were rejected (None where not measured)."""
+    if not s.shares or s.acceptance is None:
+        return None
+    return s.shares.get("draft", 0.0) * (1.0 - s.acceptance)
 
 
 def render_diagnosis(run: Run, findings: list[Finding]) -> str:
