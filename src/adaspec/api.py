@@ -470,7 +470,7 @@ class Engine:
                                    "at a time (serve with --max-batch 1), or use another method")
             if kind == "head":
                 return self.head
-            return HeadOrLookup(self.head, ngram, self._target_ms())
+            return HeadOrLookup(self.head, ngram, self.target_ms())
         extras = [] if batched else self.extra_drafters
         if self.drafter is None and not (kind == "pool" and extras):
             raise AdaspecError(f"method {spec.method!r} needs a drafter model: load one, or use method='ar' "
@@ -485,7 +485,7 @@ class Engine:
         """The drafter pool on the profile's measured costs (ms), else on the fallbacks (units of one
         target forward). Extra drafters' relative costs are scaled by the one-token target forward."""
         cost = self.profile.cost if self.profile is not None else None
-        target_ms = self._target_ms()
+        target_ms = self.target_ms()
         unit = target_ms(1)
         models, priors = [(d, c * unit) for d, c in extras], {}
         if model is not None:
@@ -496,8 +496,9 @@ class Engine:
                 priors[model.name] = float(rate)
         return DrafterPool(models, ngram, target_ms, priors=priors, skip_entropy=spec.skip_entropy)
 
-    def _target_ms(self):
-        """n -> T(n): the profile's measured target cost (ms), else the fallback (units of one forward)."""
+    def target_ms(self):
+        """n -> T(n): the profile's measured target cost (ms), else the fallback (units of one forward).
+        The drafter pool, `head-lookup` and the batch scheduler all price drafts on it."""
         cost = self.profile.cost if self.profile is not None else None
         return cost.target_cost if cost is not None else fallback_target_cost
 

@@ -59,7 +59,7 @@ from adaspec.config import AdaspecError, GenerationConfig
 from adaspec.decode import Decoding
 from adaspec.drafters.pool import MODEL_PRIOR, PRIOR_WEIGHT, Acceptance
 from adaspec.models.fast import FastDecoder, SlotView, supports
-from adaspec.policies.cost import FALLBACK_DRAFTER, CostTable, fallback_target_cost
+from adaspec.policies.cost import FALLBACK_DRAFTER, CostTable
 from adaspec.records import Draft
 from adaspec.stopping import StopStrings
 
@@ -133,7 +133,7 @@ class Batcher:
         self.last_rows = 0  # rows of the last target forward
         self.last_caps: list[int] = []  # the load-aware caps of the last step
         cost = engine.profile.cost if engine.profile is not None else None
-        self.target_ms = cost.target_cost if cost is not None else fallback_target_cost
+        self.target_ms = engine.target_ms()
         measured = cost.drafter_ms_per_token if cost is not None else None
         self.drafter_ms = measured if measured is not None else FALLBACK_DRAFTER * self.target_ms(1)
         self._cost = CostTable(self.target_ms, ahead=32)  # rows -> T(rows), monotone

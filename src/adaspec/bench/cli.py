@@ -43,7 +43,8 @@ def register(sub) -> None:
     d.add_argument("run_dir", help="the --out folder of `adaspec bench` or `adaspec sweep`")
     d.add_argument("--rollback-limit", type=float, default=0.4, help="flag rollback rates above this (default 0.4)")
     d.add_argument("--waste-limit", type=float, default=0.05,
-                   help="... when drafting the rejected tokens took more than this share of the time (default 0.05)")
+                   help="flag those rollback rates only when drafting the rejected tokens took more than this "
+                        "share of the time (default 0.05)")
     d.add_argument("--agreement-floor", type=float, default=0.95,
                    help="flag lossy methods agreeing with ar on fewer tokens than this (default 0.95)")
     d.set_defaults(func=cmd_diagnose)
