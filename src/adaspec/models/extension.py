@@ -11,6 +11,11 @@ from pathlib import Path
 import torch
 
 QK = 256  # inputs per super-block of Q4_K and Q6_K
+# How the kernels take their activations (BlockLinear.acts):
+# - "a8": rounded to int8 per row and block of 256 inputs (32 for Q5_0), as llama.cpp's Q8_K;
+# - "a16": each row as two int8 rows, the row and what its rounding left out (x - d q), each rounded
+#   per block; the kernel's two results are added. About 15 bits of precision for twice the rows.
+ACTS = ("a8", "a16")
 
 
 @cache
@@ -54,6 +59,7 @@ class BlockLinear(torch.nn.Module):
 
     kind: str = ""
     parts: tuple[str, ...] = ()
+    act_block: int = QK  # inputs per activation block of the kernel's int8 rounding
 
     def __init__(self, packed: dict[str, torch.Tensor], bias: torch.Tensor | None = None, *,
                  kernel_name: str = "auto"):
@@ -65,6 +71,7 @@ class BlockLinear(torch.nn.Module):
             self.register_buffer(name, packed[name])
         self.bias = bias
         self.kernel_name = kernel_name
+        self.acts = "a8"  # the activations' form: ACTS
 
     @classmethod
     def from_packed(cls, packed: dict[str, torch.Tensor], bias: torch.Tensor | None = None, *,
@@ -94,10 +101,33 @@ class BlockLinear(torch.nn.Module):
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self._rows(x.reshape(-1, self.in_features).float().contiguous())
+        rows = x.reshape(-1, self.in_features).float().contiguous()
+        if self.acts == "a16":  # each row and its rounding's remainder, two kernel rows added
+            out = self._rows(kernel().split_activations(rows, self.act_block, self.kernel_name))
+            out = out[0::2] + out[1::2]
+        else:
+            out = self._rows(rows)
         if self.bias is not None:
             out = out + self.bias
         return out.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"acts={self.acts}")
+
+
+def set_activations(model: torch.nn.Module, acts: str) -> int:
+    """Give every block layer of `model` (and the fused layers made of them) the activation form
+    `acts` (ACTS); the number of layers set. Results stay independent of the other rows in either
+    form, so a k-row forward still equals k one-row forwards."""
+    if acts not in ACTS:
+        raise ValueError(f"unknown activation form {acts!r}; choose one of {', '.join(ACTS)}")
+    count = 0
+    for m in model.modules():
+        if isinstance(m, BlockLinear):
+            m.acts = acts
+            count += 1
+            fused = getattr(m, "fused", None)
+            if fused is not None:
+                fused[1].acts = acts
+    return count

@@ -137,8 +137,10 @@ def fuse_blocks(linears: list[BlockLinear]) -> BlockLinear:
     output is bit-identical to its own layer's, and a forward makes one kernel call (one pass over
     the activations, one thread fork) instead of several."""
     kinds = {type(m) for m in linears}
-    if len(kinds) != 1 or len({m.in_features for m in linears}) != 1 or len({m.kernel_name for m in linears}) != 1:
-        raise ValueError("fused block layers must be of one kind and read the same input with the same kernel")
+    if (len(kinds) != 1 or len({m.in_features for m in linears}) != 1 or len({m.kernel_name for m in linears}) != 1
+            or len({m.acts for m in linears}) != 1):
+        raise ValueError("fused block layers must be of one kind and read the same input with the same kernel "
+                         "and activation form")
     cls = kinds.pop()
     done = getattr(linears[0], "fused", None)  # a second runtime over the same model (batched serving)
     if done is not None and done[0] == [id(m) for m in linears]:
@@ -154,6 +156,7 @@ def fuse_blocks(linears: list[BlockLinear]) -> BlockLinear:
             setattr(m, name, t[start:start + tiles])
         start += tiles
     fused = cls.from_packed(packed, bias, kernel_name=linears[0].kernel_name)
+    fused.acts = linears[0].acts
     linears[0].fused = ([id(m) for m in linears], fused)
     return fused
 

@@ -89,6 +89,7 @@ class Q50Linear(BlockLinear):
 
     kind = "q5_0"
     parts = PARTS
+    act_block = QB
     unpack_tiles, dequantize = staticmethod(unpack_tiles), staticmethod(dequantize)
 
     def _rows(self, rows: torch.Tensor) -> torch.Tensor:

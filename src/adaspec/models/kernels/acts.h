@@ -86,6 +86,26 @@ inline Acts quantize(const float* x, int64_t R, int64_t K, bool vector) {
   return a;
 }
 
+// The "a16" activation form (BlockLinear.acts): each row x becomes two rows, x itself (row 2r) and
+// what its per-block int8 rounding leaves out, e = x - d * q (row 2r + 1). A kernel quantises both
+// rows the same way, so its two results add up to W x with about 15 bits of activation precision at
+// the cost of twice the rows. q and d are exactly what the kernels' own quantisation gives (both
+// forms of it give the same bytes), and e is one fma per value, so the rows depend on x alone.
+inline void split_rows(const float* x, int64_t R, int64_t K, int qb, bool vector, float* out) {
+  std::vector<int8_t> q(qb);
+  for (int64_t r = 0; r < R; ++r) {
+    std::memcpy(out + 2 * r * K, x + r * K, sizeof(float) * K);
+    float* e = out + (2 * r + 1) * K;
+    for (int64_t b = 0; b < K / qb; ++b) {
+      const float* xb = x + r * K + b * qb;
+      float d;
+      if (vector && qb == QK) quantize_block_avx512(xb, q.data(), &d);
+      else quantize_block_portable(xb, q.data(), &d, qb);
+      for (int i = 0; i < qb; ++i) e[b * qb + i] = std::fmaf(-static_cast<float>(q[i]), d, xb[i]);
+    }
+  }
+}
+
 // Tiles of 16 outputs spread over the threads (q6k.cpp, q5_0.cpp): for one row four tiles at a time,
 // sharing each activation broadcast; for more rows one tile at a time, so that six rows' accumulators
 // stay in registers. four(t) computes tiles t .. t + 3, one(t) tile t; neither changes a result.

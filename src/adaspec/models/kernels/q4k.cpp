@@ -210,6 +210,16 @@ torch::Tensor q4k_linear(torch::Tensor x, torch::Tensor w4, torch::Tensor sc, to
 
 bool q4k_has_vnni() { return has_vnni(); }
 
+// x (R, K) float32 -> (2R, K): acts.h's split_rows, with the kernels' activation blocks of qb inputs.
+torch::Tensor split_activations(torch::Tensor x, int64_t qb, const std::string& kernel) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "x must be (R, K) float32");
+  TORCH_CHECK((qb == QK || qb == 32) && x.size(1) % qb == 0, "activation blocks are 256 or 32 inputs and divide K");
+  auto out = torch::empty({2 * x.size(0), x.size(1)}, x.options());
+  split_rows(x.data_ptr<float>(), x.size(0), x.size(1), static_cast<int>(qb), kernel != "portable" && has_vnni(),
+             out.data_ptr<float>());
+  return out;
+}
+
 torch::Tensor q6k_linear(torch::Tensor x, torch::Tensor w4, torch::Tensor w2, torch::Tensor sc, torch::Tensor d,
                          const std::string& kernel);  // q6k.cpp
 torch::Tensor q5_0_linear(torch::Tensor x, torch::Tensor w4, torch::Tensor wh, torch::Tensor d,
@@ -219,5 +229,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear", &q4k_linear, "Q4_K weights x int8 activations (batch-invariant)");
   m.def("linear_q6k", &q6k_linear, "Q6_K weights x int8 activations (batch-invariant)");
   m.def("linear_q5_0", &q5_0_linear, "Q5_0 weights x int8 activations (batch-invariant)");
+  m.def("split_activations", &split_activations, "each row and its int8 rounding's remainder (the a16 form)");
   m.def("has_vnni", &q4k_has_vnni, "whether the AVX-512 VNNI kernel runs on this CPU");
 }
