@@ -144,7 +144,7 @@ def test_profile_for_another_pair_is_refused(pair):
     Engine(target, drafter, profile=profile)  # the pair it was made for
     with pytest.raises(AdaspecError, match="calibrated for target"):
         Engine(target, random_model(seed=7, dtype=torch.float64), profile=profile)
-    with pytest.raises(AdaspecError, match="different weights or dtype"):
+    with pytest.raises(AdaspecError, match="different weights, dtype or activation form"):
         Engine(tiny_model(seed=0, dtype=torch.float32), drafter, profile=profile)
     with pytest.raises(AdaspecError, match="needs a drafter"):
         Engine(target, None, profile=profile)

@@ -50,8 +50,8 @@ def test_the_cli_defaults_to_auto_and_takes_none():
     assert parse(["generate", "hi"]).method is None  # unset: the engine's default_method
 
 
-@pytest.mark.parametrize("quant", ["q4k", "int8"])
-def test_the_default_pair_ships_a_profile_in_q4k_and_int8_only(quant):
+@pytest.mark.parametrize("quant", ["q4k", "q4k-a16", "int8"])
+def test_the_default_pair_ships_a_profile_in_q4k_q4k_a16_and_int8_only(quant):
     path = shipped_profile(api.DEFAULT_TARGET, api.DEFAULT_DRAFTER, quant)
     assert path.name == f"qwen2.5-coder-{quant}.json"
     profile = Profile.load(path)
@@ -59,6 +59,13 @@ def test_the_default_pair_ships_a_profile_in_q4k_and_int8_only(quant):
     assert profile.target["quantized"] and profile.drafter["quantized"]
     assert shipped_profile(api.DEFAULT_TARGET, api.DEFAULT_DRAFTER, None) is None  # --quant none: not that profile
     assert shipped_profile("tiny", "tiny-draft", None) is None
+
+
+def test_the_q4k_a16_profile_is_for_the_same_weights_in_another_activation_form():
+    a8, a16 = (Profile.load(shipped_profile(api.DEFAULT_TARGET, api.DEFAULT_DRAFTER, q)) for q in ("q4k", "q4k-a16"))
+    assert a8.drafter["fingerprint"] == a16.drafter["fingerprint"]  # the drafter runs q4k under both
+    assert a8.target["fingerprint"] != a16.target["fingerprint"] and a8.target["sha256"] == a16.target["sha256"]
+    assert a16.cost.target_ms[4] / a16.cost.target_ms[1] > a8.cost.target_ms[4] / a8.cost.target_ms[1]  # twice the rows
 
 
 @pytest.fixture()

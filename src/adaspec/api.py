@@ -40,7 +40,7 @@ DEFAULT_TARGET = "qwen2.5-coder-1.5b"
 DEFAULT_DRAFTER = "qwen2.5-coder-0.5b"
 DRAFTER_RUNTIMES = ("auto", "hf")
 TARGET_RUNTIMES = ("auto", "hf")
-QUANTS = ("auto", "none", "int8", "q4k")
+QUANTS = ("auto", "none", "int8", "q4k", "q4k-a16")
 # The fastest lossless method measured for the default pair with its shipped profile: first or tied
 # in docs/results/spec-bench-256 (1.19x ar, cost-aware 1.17x) and held-out-256 (1.28x, tied with
 # cost-aware), and well ahead on HumanEval (docs/results/humaneval-int8). Engine.default_method
@@ -56,6 +56,7 @@ DEFAULT_METHOD = "multi-draft-calibrated"
 HEAD_METHOD = "head-lookup"
 # Calibration profiles shipped with the package: (target, drafter, quant) -> file in calibration/profiles.
 SHIPPED_PROFILES = {(DEFAULT_TARGET, DEFAULT_DRAFTER, "q4k"): "qwen2.5-coder-q4k.json",
+                    (DEFAULT_TARGET, DEFAULT_DRAFTER, "q4k-a16"): "qwen2.5-coder-q4k-a16.json",
                     (DEFAULT_TARGET, DEFAULT_DRAFTER, "int8"): "qwen2.5-coder-int8.json"}
 # Draft heads shipped with the package (drafters/heads/): target preset -> (file, sha256 of the file).
 # Trained by `adaspec train-head` (docs/method.md, "Draft head"; curve in docs/results/draft-head).
@@ -71,7 +72,7 @@ def resolve_quant(quant: str | None, source, *, device: str = "cpu", dtype: torc
     weights, the fastest form measured, docs/runtime.md) and the CPU runs the vectorised Q4_K
     kernel (AVX-512 VNNI), int8 otherwise (a model folder, a hub id, another CPU); none for the
     built-in toy models, adapters passed in, GPUs and other dtypes. "none" or None: as loaded;
-    "int8" / "q4k": that."""
+    "int8" / "q4k" / "q4k-a16": that."""
     if quant not in (None, *QUANTS):
         raise AdaspecError(f"unknown quantisation {quant!r}; choose one of {', '.join(QUANTS)}")
     if quant == "auto":
@@ -114,14 +115,18 @@ def load_model(source: str | ModelAdapter, *, dtype: torch.dtype = torch.float32
     (chosen while fusing int8 projections still copied their weights; it no longer does, and moving
     int8 targets has not been measured end to end).
 
-    quant: "auto" (q4k for a GGUF model on the CPU, int8 for another real one), "none", "int8" or "q4k"
-    (resolve_quant). A q4k GGUF model is read from its packed copy (models/packed.py: what runs and
+    quant: "auto" (q4k for a GGUF model on the CPU, int8 for another real one), "none", "int8", "q4k"
+    or "q4k-a16" (resolve_quant): q4k's weights with activations carried at about 15 bits instead of
+    8 (models/extension.ACTS), closer to the float32 model and dearer per row (docs/runtime.md). A q4k GGUF model is read from its packed copy (models/packed.py: what runs and
     nothing else, built at the first load), except with draft_vocab, which cuts the float head first.
     draft_vocab (drafters only): a pruned drafting vocabulary, as a DraftVocab, its JSON file, or
     a size N (the N most frequent tokens of the default corpus, drafters/vocab.py); the output
     head is cut to those rows before quantisation.
     """
     quant = resolve_quant(quant, source, device=device, dtype=dtype)
+    acts = None
+    if quant == "q4k-a16":  # q4k's weights and layers; only the activations' form differs (set at the end)
+        quant, acts = "q4k", "a16"
     if drafter_runtime not in DRAFTER_RUNTIMES:
         raise AdaspecError(f"unknown drafter runtime {drafter_runtime!r}; choose one of {', '.join(DRAFTER_RUNTIMES)}")
     if target_runtime not in TARGET_RUNTIMES:
@@ -174,6 +179,10 @@ def load_model(source: str | ModelAdapter, *, dtype: torch.dtype = torch.float32
             from adaspec.models.light import transformers_model
 
             adapter = HFAdapter(transformers_model(adapter.model), adapter.name)
+        if acts is not None:
+            from adaspec.models.extension import set_activations
+
+            set_activations(adapter.model, acts)
     if vocab is not None:
         adapter = PrunedAdapter(adapter, vocab)
     if quant == "q4k":
@@ -575,8 +584,9 @@ def load(target: str | ModelAdapter = DEFAULT_TARGET, drafter: str | ModelAdapte
          head: str | Path | bool | None = None) -> Engine:
     """Load a target and drafter (preset names, local paths, hub ids, adapters) into an Engine.
 
-    quant: "auto" (default: q4k for GGUF models on the CPU, int8 for other real ones), "none", "int8" or
-    "q4k" (resolve_quant).
+    quant: "auto" (default: q4k for GGUF models on the CPU, int8 for other real ones), "none", "int8",
+    "q4k" or "q4k-a16" (resolve_quant). With q4k-a16 the drafter runs q4k: its activations' precision
+    changes only which drafts are proposed, never the output, and costs it twice the rows.
     profile: a calibration profile (or its JSON path) from `adaspec calibrate` for this very pair;
     None: the profile that ships for this pair and quantisation (the default pair in q4k and in int8), if any;
     False: none.
@@ -593,7 +603,8 @@ def load(target: str | ModelAdapter = DEFAULT_TARGET, drafter: str | ModelAdapte
     t_model, t_tok = load_model(target, dtype=dtype, device=device, quant=quant, target_runtime=target_runtime)
     d_model, d_tok = (None, None)
     if drafter is not None:
-        d_model, d_tok = load_model(drafter, dtype=dtype, device=device, quant=quant, role="drafter",
+        d_quant = "q4k" if quant == "q4k-a16" else quant
+        d_model, d_tok = load_model(drafter, dtype=dtype, device=device, quant=d_quant, role="drafter",
                                     drafter_runtime=drafter_runtime, draft_vocab=draft_vocab)
     engine = Engine(t_model, d_model, t_tok, drafter_tokenizer=d_tok, chat=chat,
                     target_name=target if isinstance(target, str) else None,

@@ -44,7 +44,9 @@ def add_model_args(p: argparse.ArgumentParser, *, drafter: bool = True) -> None:
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="weights dtype (default: float32)")
     p.add_argument("--quant", choices=QUANTS, default="auto",
                    help="quantise linear layers for the CPU: int8 (per-channel weights, per-row activations), "
-                        "q4k (a GGUF model's own Q4_K weights, int8 for the rest: the fastest, docs/runtime.md) or none; auto "
+                        "q4k (a GGUF model's own Q4_K weights, int8 for the rest: the fastest, docs/runtime.md), "
+                        "q4k-a16 (the same weights, activations at about 15 bits instead of 8: closer to float32, "
+                        "dearer per verified token; the target only) or none; auto "
                         "(default) is q4k for float32 models from a GGUF file (presets, .gguf paths) on a CPU with "
                         "AVX-512 VNNI, int8 for other real models or CPUs, none otherwise. Quantising is "
                         "slightly lossy versus float32; speculation stays lossless versus the quantised target")

@@ -34,7 +34,8 @@ def model_identity(adapter, name: str | None = None) -> dict:
 
 def weights_fingerprint(adapter, samples: int = 1024) -> str | None:
     """sha256 over every tensor's name, shape, dtype and a strided sample of its values (fast even for
-    billions of weights); None when the adapter exposes no torch model. dtype and quantisation change it."""
+    billions of weights); None when the adapter exposes no torch model. dtype, quantisation and the
+    activations' form of block layers (q4k against q4k-a16) change it."""
     model = getattr(adapter, "model", None)
     if not isinstance(model, torch.nn.Module):
         return None
@@ -46,6 +47,10 @@ def weights_fingerprint(adapter, samples: int = 1024) -> str | None:
         flat = t.detach().reshape(-1)
         sample = flat[:: max(1, flat.numel() // samples)][:samples].contiguous().cpu()
         h.update(sample.view(torch.uint8).numpy().tobytes() if sample.numel() else b"")
+    # q4k-a16 computes with the same weights as q4k but other numbers and costs (models/extension.ACTS)
+    forms = sorted({getattr(m, "acts", "a8") for m in model.modules()} - {"a8"})
+    if forms:
+        h.update(f"acts:{','.join(forms)};".encode())
     return h.hexdigest()
 
 
@@ -59,7 +64,7 @@ def identity_mismatch(expected: dict, got: dict) -> str | None:
             return ("int8-quantised, the profile's model was not" if got.get("quantized")
                     else "not int8-quantised, the profile's model was: add --quant int8")
         if expected["fingerprint"] != got["fingerprint"]:
-            return "different weights or dtype"
+            return "different weights, dtype or activation form (q4k and q4k-a16 have a profile each)"
         return None
     if expected.get("sha256") and got.get("sha256"):
         return None if expected["sha256"] == got["sha256"] else "different sha256"
