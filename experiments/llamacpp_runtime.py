@@ -138,8 +138,9 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=96)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--quant", nargs="+", default=["int8", "q4k"],
-                   choices=["int8", "q4k", "q4k-int8-q6k", "q4k-int8-q5_0"],
-                   help="adaspec's forms to run beside llama.cpp (default: int8 and q4k; q4k-int8-q6k: q4k "
+                   choices=["int8", "q4k", "q4k-a16", "q4k-int8-q6k", "q4k-int8-q5_0"],
+                   help="adaspec's forms to run beside llama.cpp (default: int8 and q4k; q4k-a16: q4k with "
+                        "activations at about 15 bits, since session 16; q4k-int8-q6k: q4k "
                         "with the file's Q6_K layers as int8, as q4k ran until session 11; q4k-int8-q5_0: "
                         "with its Q5_0 layers as int8, as until session 12)")
     p.add_argument("--roles", nargs="+", default=["target", "drafter"], choices=["target", "drafter"],

@@ -9,9 +9,11 @@ experiments/q4k_compare.py measures it:
 - the same with those layers as int8 with per-channel scales (q4k as it ran until session 10);
 - the same with the int8 output head replaced by the float32 head (the GGUF's Q6_K values,
   de-quantised);
-- the same again, with every Q6_K layer in float32 (float activations too).
+- the same again, with every Q6_K layer in float32 (float activations too);
+- q4k-a16: q4k's layers with their activations carried at about 15 bits (two int8 parts,
+  models/extension.ACTS) instead of rounded to int8 (since session 16).
 
-The Q4_K layers, and the int8 rounding of their activations, stay in all of them. --llamacpp adds
+The Q4_K layers stay in all of them, and the int8 rounding of their activations in all but q4k-a16. --llamacpp adds
 llama.cpp on the same GGUF file (the `anchors` extra), which rounds activations too (Q8_K).
 --spec-bench N adds the first turns of N Spec-Bench prompts per subtask to the 6 prompts: one
 early near-tie sends a whole free-running answer elsewhere, so 6 prompts make a noisy share.
@@ -33,9 +35,9 @@ from adaspec.models.quant import Int8Linear
 
 MODEL = "qwen2.5-coder-1.5b"
 Q6K = ("lm_head", "down_proj", "v_proj")
-VARIANTS = {"q4k (Q6_K layers as Q6_K)": ((), ()), "q4k, Q6_K layers as int8 (session 10)": (Q6K, ()),
-            "q4k, Q6_K layers as int8, float32 head": (Q6K[1:], Q6K[:1]),
-            "q4k, Q6_K layers float32": ((), Q6K)}
+VARIANTS = {"q4k (Q6_K layers as Q6_K)": ((), (), "q4k"), "q4k, Q6_K layers as int8 (session 10)": (Q6K, (), "q4k"),
+            "q4k, Q6_K layers as int8, float32 head": (Q6K[1:], Q6K[:1], "q4k"),
+            "q4k, Q6_K layers float32": ((), Q6K, "q4k"), "q4k-a16": ((), (), "q4k-a16")}
 
 
 def _compare_module():
@@ -45,10 +47,10 @@ def _compare_module():
     return module
 
 
-def variant(float_model, int8_names: tuple[str, ...], float_names: tuple[str, ...]) -> FastDecoder:
-    """The q4k model with its Q6_K layers named by these suffixes made int8 from, or taken as, the
-    float32 model's layers."""
-    model = load_model(MODEL, quant="q4k")[0].model
+def variant(float_model, int8_names: tuple[str, ...], float_names: tuple[str, ...], quant: str) -> FastDecoder:
+    """The model in this quant with its Q6_K layers named by these suffixes made int8 from, or taken
+    as, the float32 model's layers."""
+    model = load_model(MODEL, quant=quant)[0].model
     for name, module in list(model.named_modules()):
         if isinstance(module, Q6KLinear) and name.endswith(int8_names + float_names):
             parent, _, child = name.rpartition(".")
@@ -104,8 +106,8 @@ def main() -> None:
         ref_top.append(f32.extend(torch.tensor(x + r[:-1]))[len(x) - 1:].argmax(-1))
     print("| model | greedy agreement with float32 | common prefixes | top-1 on float32's continuation |\n"
           "|---|---|---|---|")
-    for label, (int8_names, float_names) in VARIANTS.items():
-        adapter = variant(f32.model, int8_names, float_names)
+    for label, (int8_names, float_names, quant) in VARIANTS.items():
+        adapter = variant(f32.model, int8_names, float_names, quant)
         out = [generate_ids(adapter, None, x, cfg).token_ids for x in prompts]
         share, prefixes = qc.agreement(ref, out)
         forced = qc.forced_agreement(adapter, prompts, ref, ref_top)
