@@ -2,7 +2,7 @@
 file, on texts long enough for the figure to be more than a few near-ties (the runtime issue's goal:
 within 1%).
 
-    python experiments/q4k_perplexity.py [--window 1024] [--windows 4] [--llamacpp]
+    python experiments/q4k_perplexity.py [--window 1024] [--windows 4] [--quant q4k q4k-a16] [--llamacpp]
 
 Texts: the held paragraph of experiments/quant_report.py (298 tokens, the figure reported since
 session 4), and --windows windows of --window tokens of this repository's own docs (docs/*.md,
@@ -57,15 +57,18 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=1024)
     parser.add_argument("--windows", type=int, default=4)
     parser.add_argument("--llamacpp", action="store_true", help="add llama.cpp (needs the anchors extra)")
+    parser.add_argument("--quant", nargs="+", default=["q4k", "q4k-a16"], choices=["q4k", "q4k-a16"],
+                        help="adaspec's forms to score (q4k-a16: 15-bit activations, since session 16)")
     a = parser.parse_args()
     torch.set_num_threads(2)
-    q4k, tok = load_model(MODEL, quant="q4k")
+    loaded = {quant: load_model(MODEL, quant=quant) for quant in a.quant}
+    tok = next(iter(loaded.values()))[1]
     docs = tok.encode("\n\n".join(p.read_text() for p in sorted(DOCS.glob("*.md"))))
     texts = {"held paragraph": [tok.encode(HELD_TEXT)],
              f"docs, {a.windows} x {a.window} tokens": [docs[i * a.window:(i + 1) * a.window] for i in range(a.windows)]}
     if any(len(w) < a.window for w in texts[f"docs, {a.windows} x {a.window} tokens"]):
         raise SystemExit(f"docs/*.md hold {len(docs)} tokens, fewer than {a.windows} x {a.window}")
-    models = {"q4k": lambda ids: adaspec_nll(q4k, ids)}
+    models = {quant: (lambda ids, m=model: adaspec_nll(m, ids)) for quant, (model, _) in loaded.items()}
     f32 = load_model(MODEL, quant="none")[0]
     models["float32"] = lambda ids: adaspec_nll(f32, ids)
     if a.llamacpp:
