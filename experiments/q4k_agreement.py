@@ -1,6 +1,6 @@
 """Where q4k's greedy disagreement with the float32 model comes from.
 
-    python experiments/q4k_agreement.py [--spec-bench N] [--llamacpp]
+    python experiments/q4k_agreement.py [--spec-bench N] [--llamacpp] [--variants LABEL ...]
 
 Variants of the 1.5B, each compared with float32 on 6 prompts x 64 greedy tokens, as
 experiments/q4k_compare.py measures it:
@@ -86,6 +86,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--spec-bench", type=int, default=0, help="Spec-Bench prompts per subtask to add")
     parser.add_argument("--llamacpp", action="store_true", help="add llama.cpp (needs the anchors extra)")
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
+                        help="which variants to run (default: all)")
     a = parser.parse_args()
     qc = _compare_module()
     torch.set_num_threads(2)
@@ -106,7 +108,8 @@ def main() -> None:
         ref_top.append(f32.extend(torch.tensor(x + r[:-1]))[len(x) - 1:].argmax(-1))
     print("| model | greedy agreement with float32 | common prefixes | top-1 on float32's continuation |\n"
           "|---|---|---|---|")
-    for label, (int8_names, float_names, quant) in VARIANTS.items():
+    for label in a.variants:
+        int8_names, float_names, quant = VARIANTS[label]
         adapter = variant(f32.model, int8_names, float_names, quant)
         out = [generate_ids(adapter, None, x, cfg).token_ids for x in prompts]
         share, prefixes = qc.agreement(ref, out)
