@@ -117,8 +117,9 @@ def load_model(source: str | ModelAdapter, *, dtype: torch.dtype = torch.float32
 
     quant: "auto" (q4k for a GGUF model on the CPU, int8 for another real one), "none", "int8", "q4k"
     or "q4k-a16" (resolve_quant): q4k's weights with activations carried at about 15 bits instead of
-    8 (models/extension.ACTS), closer to the float32 model and dearer per row (docs/runtime.md). A q4k GGUF model is read from its packed copy (models/packed.py: what runs and
-    nothing else, built at the first load), except with draft_vocab, which cuts the float head first.
+    8 (models/extension.ACTS), closer to the float32 model and dearer per row (docs/runtime.md). A
+    q4k GGUF model is read from its packed copy (models/packed.py: what runs and nothing else, built
+    at the first load), except with draft_vocab, which cuts the float head first.
     draft_vocab (drafters only): a pruned drafting vocabulary, as a DraftVocab, its JSON file, or
     a size N (the N most frequent tokens of the default corpus, drafters/vocab.py); the output
     head is cut to those rows before quantisation.

@@ -69,6 +69,13 @@ inline bool has_vnni() {
   return ok;
 }
 
+// One block of n inputs, on the vectorised form where it applies (256-blocks on AVX-512): both
+// forms give the same bytes, so the choice never changes a result.
+inline void quantize_block(const float* xb, int8_t* qb, float* d, int n, bool vector) {
+  if (vector && n == QK) quantize_block_avx512(xb, qb, d);
+  else quantize_block_portable(xb, qb, d, n);
+}
+
 inline Acts quantize(const float* x, int64_t R, int64_t K, bool vector) {
   Acts a;
   const int64_t nb = K / QK;
@@ -79,8 +86,7 @@ inline Acts quantize(const float* x, int64_t R, int64_t K, bool vector) {
     for (int64_t b = 0; b < nb; ++b) {
       const float* xb = x + r * K + b * QK;
       int8_t* qb = a.q.data() + r * K + b * QK;
-      if (vector) quantize_block_avx512(xb, qb, &a.d[r * nb + b]);
-      else quantize_block_portable(xb, qb, &a.d[r * nb + b]);
+      quantize_block(xb, qb, &a.d[r * nb + b], QK, vector);
       pair_sums(qb, &a.s[r * (K / 64) + b * 4]);
     }
   return a;
@@ -99,8 +105,7 @@ inline void split_rows(const float* x, int64_t R, int64_t K, int qb, bool vector
     for (int64_t b = 0; b < K / qb; ++b) {
       const float* xb = x + r * K + b * qb;
       float d;
-      if (vector && qb == QK) quantize_block_avx512(xb, q.data(), &d);
-      else quantize_block_portable(xb, q.data(), &d, qb);
+      quantize_block(xb, q.data(), &d, qb, vector);
       for (int i = 0; i < qb; ++i) e[b * qb + i] = std::fmaf(-static_cast<float>(q[i]), d, xb[i]);
     }
   }
